@@ -1,0 +1,3 @@
+from cronmesh.cli.main import main
+
+main()

@@ -1,0 +1,66 @@
+"""The exceptions cronmesh raises, under one base class.
+
+    CronmeshError
+    ├── ValidationError      the caller sent something malformed (HTTP 400, exit 2)
+    │   └── ScheduleError    a schedule or time zone that cannot be parsed
+    ├── NotFoundError        a job or execution that does not exist (HTTP 404)
+    ├── ConflictError        the request clashes with stored state (HTTP 409)
+    ├── StorageError         LMDB failed, the data dir is locked or the disk is full
+    ├── TransportError       a peer could not be reached
+    ├── RemoteError          a peer answered with something we cannot use
+    └── InvariantViolation   a bug: an internal rule was broken
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConflictError",
+    "CronmeshError",
+    "InvariantViolation",
+    "NotFoundError",
+    "RemoteError",
+    "ScheduleError",
+    "StorageError",
+    "TransportError",
+    "ValidationError",
+]
+
+
+class CronmeshError(Exception):
+    """Base class of every error cronmesh raises on purpose."""
+
+
+class ValidationError(CronmeshError, ValueError):
+    """Input from a caller is malformed; the message names the field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ScheduleError(ValidationError):
+    """A schedule expression or time zone that cannot be parsed."""
+
+
+class NotFoundError(CronmeshError, LookupError):
+    """A job or execution that does not exist."""
+
+
+class ConflictError(CronmeshError):
+    """The request clashes with what is stored (a running forbid job, children)."""
+
+
+class StorageError(CronmeshError):
+    """The storage layer failed: LMDB error, lock held, disk full."""
+
+
+class TransportError(CronmeshError):
+    """A peer could not be reached."""
+
+
+class RemoteError(CronmeshError):
+    """A peer answered with something we cannot use."""
+
+
+class InvariantViolation(CronmeshError, AssertionError):
+    """An internal rule was broken: this is a bug in cronmesh."""
