@@ -74,6 +74,7 @@ class Schedule(Protocol):
     """A parsed schedule; immutable and safe to share between threads."""
 
     expr: str
+    zone: ZoneInfo  # renders results; after a TZ= prefix, the prefix's zone
 
     def next_after(self, after: datetime) -> datetime | None:
         """First fire instant strictly after ``after``.
