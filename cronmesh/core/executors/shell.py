@@ -1,0 +1,723 @@
+"""The ``shell`` executor: runs a command as a local process, Dkron-compatible.
+
+Config keys (all strings): ``command`` (required), ``shell``, ``env``, ``cwd``,
+``payload`` (base64, fed to stdin), ``timeout`` (Go duration), ``mem_limit``
+(bytes, or with a B/K/KB/M/MB/G/GB/T/TB suffix) and ``su`` (``user[:group]``).
+"""
+
+# Theory of operation: process groups.
+#
+# A job is rarely one process. ``sh -c "a | b"`` is three, and
+# ``sleep 100 & wait`` leaves a grandchild that outlives its parent's pid.
+# Killing only the pid we spawned (what Dkron did before #1385) leaves those
+# running, still holding our output pipe, so the job never "ends" either.
+#
+# So every job starts as the leader of a new session, which also makes it the
+# leader of a new process group whose id is its pid. Every descendant inherits
+# that group unless it leaves on purpose (setsid/setpgid, e.g. a daemon). One
+# ``killpg(pid, SIGKILL)`` then reaches the whole tree at once, with no race
+# against processes forking while we walk a tree. SIGKILL because a job that
+# overran its timeout gets no say; Dkron does the same.
+#
+# When do we kill the group? On timeout, on an explicit cancel, on exceeding
+# mem_limit, and on every abnormal way out of ``run`` (an exception, or the
+# task being cancelled). When the leader exits normally we do NOT kill the
+# group: like Dkron we keep reading until every holder of the output pipe has
+# closed it, and a process that detached its output (a deliberately
+# daemonised helper) is left alone.
+#
+# Reaping is the event loop's child watcher's job: it waitpid()s our leader
+# whether or not anyone awaits it, and orphaned grandchildren are re-parented
+# to init (or the nearest subreaper), which reaps them.
+#
+# Output: stdout and stderr share ONE pipe, so the kernel keeps their relative
+# order, and chunks go to the sink from the protocol callback as they arrive,
+# with no task or thread per execution. Per-execution tasks exist only for
+# what was asked for: a cancel watcher (``cancel``) and a memory watcher
+# (``mem_limit``).
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import grp
+import os
+import pwd
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cronmesh.core.executors.base import (
+    MAX_OUTPUT_BYTES,
+    ExecResult,
+    OutputBuffer,
+    OutputSink,
+    TeeSink,
+    check_string_config,
+    parse_go_bool,
+)
+from cronmesh.errors import ValidationError
+
+__all__ = [
+    "ShellConfig",
+    "ShellExecutor",
+    "format_go_duration",
+    "parse_go_duration",
+    "parse_mem_limit",
+    "parse_shell_config",
+    "split_command",
+]
+
+# After a SIGKILL, how long (seconds) we keep reading output that is still
+# buffered in the pipe before giving up on it.
+KILL_GRACE = 2.0
+# How often (seconds) the memory watcher samples the job's resident set.
+MEM_POLL_INTERVAL = 0.5
+
+_SHELL = ("/bin/sh", "-c")
+_NS = 1
+_US = 1_000
+_MS = 1_000_000
+_S = 1_000_000_000
+_GO_UNITS = {
+    "ns": _NS,
+    "us": _US,
+    "\u00b5s": _US,  # micro sign
+    "\u03bcs": _US,  # Greek small letter mu
+    "ms": _MS,
+    "s": _S,
+    "m": 60 * _S,
+    "h": 3600 * _S,
+}
+_GO_DURATION_PART = re.compile(r"(\d*)(?:\.(\d*))?(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_GO_MAX_DURATION = 2**63 - 1
+_MEM_UNITS = {
+    "": 1,
+    "B": 1,
+    "BYTES": 1,
+    "K": 1024,
+    "KB": 1024,
+    "M": 1024**2,
+    "MB": 1024**2,
+    "G": 1024**3,
+    "GB": 1024**3,
+    "T": 1024**4,
+    "TB": 1024**4,
+}
+_MEM_LIMIT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([A-Z]*)")
+
+
+# --------------------------------------------------------------------------
+# Config parsing
+
+
+@dataclass(frozen=True)
+class ShellConfig:
+    """A validated shell executor config."""
+
+    command: str
+    # What we exec: ("/bin/sh", "-c", command) or the split command.
+    argv: tuple[str, ...]
+    # Pairs from ``env``, in order; later pairs win.
+    env: tuple[tuple[str, str], ...]
+    # Working directory; None inherits the agent's.
+    cwd: str | None
+    # Bytes for stdin; None means stdin is /dev/null.
+    payload: bytes | None
+    # Nanoseconds; 0 means no timeout.
+    timeout_ns: int
+    # Bytes of resident memory for the whole process group; 0 means no limit.
+    mem_limit: int
+    # (user, group or None) to run as, or None for the agent's own user.
+    su: tuple[str, str | None] | None
+
+
+def parse_shell_config(config: dict[str, str]) -> ShellConfig:
+    """Validate a shell executor config and return its parsed form.
+
+    Raises:
+        ValidationError: naming ``executor_config.<key>``.
+    """
+    config = check_string_config(config)
+    command = config.get("command", "")
+    if not command.strip():
+        raise _invalid("command", "is required")
+    _reject_nul(config, ("command", "env", "cwd", "su"))
+    shell_flag = config.get("shell", "")
+    use_shell = bool(shell_flag) and parse_go_bool(shell_flag, "executor_config.shell")
+    if use_shell:
+        argv: tuple[str, ...] = (*_SHELL, command)
+    else:
+        try:
+            argv = tuple(split_command(command))
+        except ValueError as exc:
+            raise _invalid("command", str(exc)) from exc
+        if not argv:
+            raise _invalid("command", "has no program to run before | ; & < >")
+    return ShellConfig(
+        command=command,
+        argv=argv,
+        env=_parse_env(config.get("env", "")),
+        cwd=config.get("cwd") or None,
+        payload=_parse_payload(config.get("payload", "")),
+        timeout_ns=_parse_timeout(config.get("timeout", "")),
+        mem_limit=_parse_mem_field(config.get("mem_limit", "")),
+        su=_parse_su(config.get("su", "")),
+    )
+
+
+def _invalid(key: str, problem: str) -> ValidationError:
+    field = f"executor_config.{key}"
+    return ValidationError(f"{field}: {problem}", field=field)
+
+
+def _reject_nul(config: dict[str, str], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if "\x00" in config.get(key, ""):
+            raise _invalid(key, "must not contain a NUL character")
+
+
+def _parse_env(text: str) -> tuple[tuple[str, str], ...]:
+    # Dkron splits on every comma, so a value cannot contain one; empty items
+    # (a trailing comma) are skipped, as Go's exec package does.
+    pairs: list[tuple[str, str]] = []
+    for item in text.split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _invalid(
+                "env", f"{item!r} is not KEY=VALUE (items are comma-separated)"
+            )
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+def _parse_payload(text: str) -> bytes | None:
+    if not text:
+        return None
+    # Go's StdEncoding needs padding but skips CR and LF; so do we.
+    cleaned = text.replace("\r", "").replace("\n", "")
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except binascii.Error as exc:
+        raise _invalid("payload", f"is not valid base64 ({exc})") from exc
+
+
+def _parse_timeout(text: str) -> int:
+    if not text:
+        return 0
+    try:
+        ns = parse_go_duration(text)
+    except ValueError as exc:
+        raise _invalid("timeout", str(exc)) from exc
+    if ns < 0:
+        raise _invalid("timeout", f"{text!r} is negative")
+    return ns
+
+
+def _parse_mem_field(text: str) -> int:
+    if not text:
+        return 0
+    try:
+        return parse_mem_limit(text)
+    except ValueError as exc:
+        raise _invalid("mem_limit", str(exc)) from exc
+
+
+def _parse_su(text: str) -> tuple[str, str | None] | None:
+    if not text:
+        return None
+    user, sep, group = text.partition(":")
+    if not user or (sep and not group) or ":" in group:
+        raise _invalid("su", f"{text!r} is not user or user:group")
+    return user, group or None
+
+
+def split_command(line: str) -> list[str]:
+    """Split a command line into argv the way Dkron's go-shellwords does.
+
+    Words split on space, tab, CR and LF. Single quotes are literal; double
+    quotes group but still honour backslash; a backslash escapes the next
+    character, except that ``\\t`` and ``\\n`` become a tab and a newline.
+    ``$VAR`` and backticks are kept literally (nothing is expanded). Parsing
+    STOPS at the first unquoted ``| ; & < >`` and the rest is dropped, so
+    ``echo test | tr a-z A-Z`` becomes ``["echo", "test"]``. A word starting
+    with a digit right before ``>`` (``2>``) is dropped too. ``$(`` opens a
+    group closed by ``)``, kept literally; any other ``(`` or ``)`` is an error.
+
+    Raises:
+        ValueError: unbalanced quotes, a trailing backslash, a bare ``(``/``)``.
+    """
+    words: list[str] = []
+    buf: list[str] = []
+    have_word = False  # an empty '' or "" still makes a word
+    escaped = single = double = backtick = dollar = False
+    for ch in line:
+        if escaped:
+            buf.append({"t": "\t", "n": "\n"}.get(ch, ch))
+            escaped = False
+            have_word = True
+            continue
+        if ch == "\\":
+            if single:
+                buf.append(ch)
+            else:
+                escaped = True
+            continue
+        quoted = single or double or backtick or dollar
+        if ch in " \t\r\n":
+            if quoted:
+                buf.append(ch)
+            elif have_word:
+                words.append("".join(buf))
+                buf.clear()
+                have_word = False
+            continue
+        if ch == "`" and not (single or double or dollar):
+            backtick = not backtick
+        elif ch == ")" and not (single or double or backtick):
+            if not dollar:
+                raise ValueError("invalid command line: ')' without '$('")
+            dollar = False
+        elif ch == "(" and not (single or double or backtick):
+            if dollar or not buf or buf[-1] != "$":
+                raise ValueError("invalid command line: '(' not preceded by '$'")
+            dollar = True
+            buf.append(ch)
+            continue
+        elif ch == '"' and not (single or dollar):
+            have_word = have_word or double
+            double = not double
+            continue
+        elif ch == "'" and not (double or dollar):
+            have_word = have_word or single
+            single = not single
+            continue
+        elif ch in ";&|<>" and not quoted:
+            if ch == ">" and buf and buf[0].isascii() and buf[0].isdigit():
+                have_word = False  # "2>": the fd number is not an argument
+            break
+        have_word = True
+        buf.append(ch)
+    if have_word:
+        words.append("".join(buf))
+    if escaped or single or double or backtick or dollar:
+        raise ValueError("invalid command line: unterminated quote or escape")
+    return words
+
+
+def parse_go_duration(text: str) -> int:
+    """Parse a Go ``time.ParseDuration`` string into nanoseconds.
+
+    Accepts an optional sign, then one or more ``<number><unit>`` parts with
+    units ns, us, µs, ms, s, m, h (``"1m30s"``, ``"1.5h"``, ``"500ms"``);
+    a bare ``"0"`` is allowed. Fractions are truncated to whole nanoseconds.
+
+    Raises:
+        ValueError: for anything Go would reject.
+    """
+    rest = text
+    sign = 1
+    if rest[:1] in ("+", "-"):
+        sign = -1 if rest[0] == "-" else 1
+        rest = rest[1:]
+    if rest == "0":
+        return 0
+    if not rest:
+        raise ValueError(f"invalid duration {text!r}")
+    total = 0
+    pos = 0
+    while pos < len(rest):
+        part = _GO_DURATION_PART.match(rest, pos)
+        if part is None or not (part.group(1) or part.group(2)):
+            raise ValueError(
+                f"invalid duration {text!r} (expected e.g. 30s, 1m30s, 500ms, 2h)"
+            )
+        whole, frac, unit = part.group(1), part.group(2) or "", part.group(3)
+        scale = _GO_UNITS[unit]
+        total += int(whole or "0") * scale
+        if frac:
+            total += int(frac) * scale // 10 ** len(frac)
+        pos = part.end()
+    if total > _GO_MAX_DURATION:
+        raise ValueError(f"invalid duration {text!r} (too large)")
+    return sign * total
+
+
+def format_go_duration(ns: int) -> str:
+    """Format nanoseconds the way Go's ``Duration.String`` does (``1m30s``)."""
+    if ns == 0:
+        return "0s"
+    sign = "-" if ns < 0 else ""
+    ns = abs(ns)
+    if ns < _US:
+        return f"{sign}{ns}ns"
+    if ns < _MS:
+        return f"{sign}{_decimal(ns, _US)}\u00b5s"
+    if ns < _S:
+        return f"{sign}{_decimal(ns, _MS)}ms"
+    hours, ns = divmod(ns, 3600 * _S)
+    minutes, ns = divmod(ns, 60 * _S)
+    seconds = f"{_decimal(ns, _S)}s"
+    if hours:
+        return f"{sign}{hours}h{minutes}m{seconds}"
+    if minutes:
+        return f"{sign}{minutes}m{seconds}"
+    return f"{sign}{seconds}"
+
+
+def _decimal(value: int, unit: int) -> str:
+    whole, frac = divmod(value, unit)
+    if not frac:
+        return str(whole)
+    digits = str(frac).rjust(len(str(unit)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}"
+
+
+def parse_mem_limit(text: str) -> int:
+    """Parse a memory limit into bytes, as Dkron does.
+
+    A plain integer is bytes; otherwise a number (decimals allowed) and a
+    case-insensitive unit: B, BYTES, K/KB, M/MB, G/GB, T/TB (powers of 1024).
+
+    Raises:
+        ValueError: for other text, or a limit that is not positive.
+    """
+    match = _MEM_LIMIT.fullmatch(text.strip().upper())
+    if match is None or match.group(2) not in _MEM_UNITS:
+        raise ValueError(
+            f"{text!r} is not a memory size (e.g. 536870912, 512MB, 1G; "
+            "units B, KB, MB, GB, TB)"
+        )
+    limit = int(float(match.group(1)) * _MEM_UNITS[match.group(2)])
+    if limit <= 0:
+        raise ValueError(f"{text!r} must be greater than 0 bytes")
+    return limit
+
+
+# --------------------------------------------------------------------------
+# Running
+
+
+class _JobProtocol(asyncio.SubprocessProtocol):
+    """Streams the job's single output pipe and reports exit and the end."""
+
+    def __init__(self, out: TeeSink, loop: asyncio.AbstractEventLoop) -> None:
+        self.out = out
+        self.exited: asyncio.Future[None] = loop.create_future()
+        # Resolved once the process exited AND every pipe is closed.
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.sink_error: Exception | None = None
+        self.on_sink_error: Callable[[], None] = lambda: None
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if self.sink_error is not None:
+            self.out.buffer.write(data)
+            return
+        try:
+            self.out.write(data)
+        except Exception as exc:  # re-raised from run() after cleanup
+            self.sink_error = exc
+            self.on_sink_error()
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in (self.exited, self.finished):
+            if not fut.done():
+                fut.set_result(None)
+
+
+class _Kill:
+    """Why, if at all, we killed a job's process group; the first reason wins."""
+
+    def __init__(self, pgid: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.pgid = pgid
+        self.reason = ""  # "timeout" | "killed" | "memory" | "aborted"
+        self.error = ""
+        self.message = ""
+        self.happened: asyncio.Future[None] = loop.create_future()
+
+    def kill(self, reason: str, error: str, message: str) -> None:
+        """Record the first reason and SIGKILL the whole group (idempotent)."""
+        if not self.reason:
+            self.reason, self.error, self.message = reason, error, message
+            self.happened.set_result(None)
+        kill_group(self.pgid)
+
+
+def kill_group(pgid: int) -> None:
+    """Send SIGKILL to process group ``pgid``; a group already gone is fine."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _group_rss(pgid: int, page_size: int) -> int:
+    """Resident bytes of every process in group ``pgid``, from /proc.
+
+    Limitation: this scans all of /proc (about 1 ms per 100 processes) on
+    every sample, so thousands of mem_limit jobs at once would cost CPU.
+    """
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited while we looked
+        # Fields after the ")" closing the command name: 3=state, 5=pgrp, 24=rss.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 21 and int(fields[2]) == pgid:
+            total += int(fields[21]) * page_size
+    return total
+
+
+class ShellExecutor:
+    """Runs ``executor_config.command`` as a local process group.
+
+    Args:
+        max_output: bytes of output kept in the result (the end is kept).
+        mem_poll_interval: seconds between mem_limit samples.
+        kill_grace: seconds to keep reading output after a SIGKILL.
+    """
+
+    name = "shell"
+
+    def __init__(
+        self,
+        *,
+        max_output: int = MAX_OUTPUT_BYTES,
+        mem_poll_interval: float = MEM_POLL_INTERVAL,
+        kill_grace: float = KILL_GRACE,
+    ) -> None:
+        self.max_output = max_output
+        self.mem_poll_interval = mem_poll_interval
+        self.kill_grace = kill_grace
+
+    def validate(self, config: dict[str, str]) -> None:
+        """Raise ValidationError if ``config`` cannot be run.
+
+        Only what can be checked anywhere is checked: cwd, su users and the
+        program's existence are node-local and reported when the job runs.
+        """
+        parse_shell_config(config)
+
+    async def run(
+        self,
+        config: dict[str, str],
+        sink: OutputSink,
+        *,
+        job_name: str,
+        execution_id: str,
+        env_extra: dict[str, str] | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> ExecResult:
+        """Run the command once and return how it went.
+
+        Output is streamed to ``sink`` as it arrives. Failures of the job
+        (bad config, missing program, non-zero exit, timeout, kill, memory)
+        come back as a failed ExecResult. If ``cancel`` is set, or the task
+        running this coroutine is cancelled, the process group is killed.
+
+        Raises:
+            asyncio.CancelledError: after killing the group, if cancelled.
+            Exception: whatever ``sink.write`` raised, after killing the group.
+        """
+        out = TeeSink(OutputBuffer(self.max_output), sink)
+        try:
+            cfg = parse_shell_config(config)
+        except ValidationError as exc:
+            return _fail(out, f"invalid config: {exc}", str(exc))
+        if cancel is not None and cancel.is_set():
+            return _fail(out, "job killed on request before it started", "killed")
+        if cfg.mem_limit and not os.path.exists("/proc/self/stat"):
+            # Limitation: mem_limit is measured through Linux's /proc only.
+            return _fail(out, "mem_limit needs Linux /proc", "mem_limit unsupported")
+        try:
+            spawn_kwargs = _spawn_kwargs(cfg, job_name, execution_id, env_extra)
+        except LookupError as exc:
+            return _fail(out, f"cannot start: {exc}", str(exc))
+        loop = asyncio.get_running_loop()
+        protocol = _JobProtocol(out, loop)
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: protocol, *cfg.argv, **spawn_kwargs
+            )
+        except OSError as exc:
+            reason = _start_error(exc, cfg)
+            return _fail(out, f"cannot start: {reason}", reason)
+        return await self._supervise(cfg, transport, protocol, cancel)
+
+    async def _supervise(
+        self,
+        cfg: ShellConfig,
+        transport: asyncio.SubprocessTransport,
+        protocol: _JobProtocol,
+        cancel: asyncio.Event | None,
+    ) -> ExecResult:
+        loop = asyncio.get_running_loop()
+        killer = _Kill(transport.get_pid(), loop)
+        protocol.on_sink_error = lambda: killer.kill("aborted", "sink failed", "")
+        helpers = self._start_helpers(cfg, killer, cancel)
+        try:
+            if cfg.payload is not None:
+                stdin = transport.get_pipe_transport(0)
+                assert isinstance(stdin, asyncio.WriteTransport)
+                stdin.write(cfg.payload)
+                stdin.close()  # flushes first, then the job sees EOF
+            timeout = cfg.timeout_ns / 1e9 if cfg.timeout_ns else None
+            done, _ = await asyncio.wait(
+                [protocol.finished, killer.happened],
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                took = format_go_duration(cfg.timeout_ns)
+                killer.kill(
+                    "timeout",
+                    f"timeout after {took}",
+                    f"job timed out after {took}; killed its process group "
+                    "with SIGKILL",
+                )
+            if not protocol.finished.done():
+                await asyncio.wait([protocol.finished], timeout=self.kill_grace)
+        finally:
+            for task in helpers:
+                task.cancel()
+            if not protocol.finished.done():
+                # Abnormal exit, or a process outside the group kept the pipe.
+                killer.kill("aborted", "aborted", "")
+                await asyncio.wait([protocol.exited], timeout=self.kill_grace)
+            transport.close()
+        if protocol.sink_error is not None:
+            raise protocol.sink_error
+        return _outcome(protocol.out, transport.get_returncode(), killer)
+
+    def _start_helpers(
+        self, cfg: ShellConfig, killer: _Kill, cancel: asyncio.Event | None
+    ) -> list[asyncio.Task[None]]:
+        helpers = []
+        if cancel is not None:
+            helpers.append(asyncio.ensure_future(_watch_cancel(cancel, killer)))
+        if cfg.mem_limit:
+            watch = _watch_memory(killer, cfg.mem_limit, self.mem_poll_interval)
+            helpers.append(asyncio.ensure_future(watch))
+        return helpers
+
+
+async def _watch_cancel(cancel: asyncio.Event, killer: _Kill) -> None:
+    await cancel.wait()
+    killer.kill("killed", "killed", "job killed on request; killed its process group")
+
+
+async def _watch_memory(killer: _Kill, limit: int, interval: float) -> None:
+    # Dkron samples the resident memory of the job's process tree once a
+    # second; we sample the process group. RLIMIT_AS was rejected: it limits
+    # virtual size per process, so runtimes that reserve address space up
+    # front (Go, the JVM) fail at any limit, and a job that hits it just sees
+    # malloc fail, with no way for us to say why it died.
+    # Limitation: a spike shorter than one interval goes unnoticed.
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    while True:
+        await asyncio.sleep(interval)
+        used = _group_rss(killer.pgid, page_size)
+        if used > limit:
+            killer.kill(
+                "memory",
+                "memory limit exceeded",
+                f"job used {used} bytes of resident memory, over mem_limit "
+                f"{limit} bytes; killed its process group",
+            )
+            return
+
+
+def _spawn_kwargs(
+    cfg: ShellConfig, job_name: str, execution_id: str, env_extra: dict[str, str] | None
+) -> dict[str, Any]:
+    """Keyword arguments for ``subprocess_exec``; LookupError for a bad su."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    env.update(cfg.env)
+    # Dkron sets ENV_JOB_NAME after the job's own env, so it cannot be spoofed.
+    env["ENV_JOB_NAME"] = job_name
+    env["CRONMESH_JOB_NAME"] = job_name
+    env["CRONMESH_EXECUTION_ID"] = execution_id
+    kwargs: dict[str, Any] = {
+        "stdin": asyncio.subprocess.PIPE
+        if cfg.payload is not None
+        else asyncio.subprocess.DEVNULL,
+        "stdout": asyncio.subprocess.PIPE,
+        "stderr": asyncio.subprocess.STDOUT,
+        "env": env,
+        "cwd": cfg.cwd,
+        "start_new_session": True,
+    }
+    if cfg.su is not None:
+        kwargs.update(_credentials(*cfg.su))
+    return kwargs
+
+
+def _credentials(user: str, group: str | None) -> dict[str, Any]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise LookupError(f"su: unknown user {user!r}") from None
+    gid = entry.pw_gid
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise LookupError(f"su: unknown group {group!r}") from None
+    # Like Go's Credential with no groups: supplementary groups are cleared.
+    return {"user": entry.pw_uid, "group": gid, "extra_groups": []}
+
+
+def _start_error(exc: OSError, cfg: ShellConfig) -> str:
+    # The child reports the path that failed: the cwd or the program.
+    failed = exc.filename
+    if cfg.cwd is not None and failed == cfg.cwd:
+        return f"working directory {cfg.cwd!r}: {exc.strerror}"
+    program = cfg.argv[0]
+    if isinstance(exc, FileNotFoundError):
+        return f"command not found: {program}"
+    return f"{program}: {exc.strerror or exc}"
+
+
+def _fail(out: TeeSink, message: str, error: str) -> ExecResult:
+    out.note(message)
+    return ExecResult(False, out.buffer.getvalue(), None, error)
+
+
+def _outcome(out: TeeSink, returncode: int | None, killer: _Kill) -> ExecResult:
+    if killer.reason:
+        if killer.message:
+            out.note(killer.message)
+        return ExecResult(False, out.buffer.getvalue(), None, killer.error)
+    if returncode is None:  # defensive: finished implies an exit status
+        return _fail(out, "job ended without an exit status", "unknown exit")
+    if returncode < 0:
+        name = _signal_name(-returncode)
+        return _fail(out, f"killed by signal {name}", f"signal {name}")
+    if returncode > 0:
+        out.note(f"exit status {returncode}")
+        return ExecResult(
+            False, out.buffer.getvalue(), returncode, f"exit status {returncode}"
+        )
+    return ExecResult(True, out.buffer.getvalue(), 0)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} ({number})"
+    except ValueError:
+        return str(number)
