@@ -257,14 +257,16 @@ def _check_plain_item(spec: _FieldSpec, item: str) -> str:
     high = _value(spec, last) if last else low
     if high < low:
         raise _field_error(spec, f"range '{body}' runs backwards")
-    if spec is _DOW:
-        # croniter expands "7-7" to every day; give it Sunday as 0 instead.
-        low, high = (0, 0) if low == 7 else (low, high)
-    if not last and step is not None:
+    if last and low == high:
+        # croniter reads "5-5" (and "5-5/2") as the whole field; it is just 5.
+        return str(low % 7 if spec is _DOW else low)
+    if not last:
+        low = low % 7 if spec is _DOW else low  # a lone 7 is Sunday
+        if step is None:
+            return str(low)
         # "5/15" means 5-59/15; a weekday step stops at Saturday, as robfig.
         return f"{low}-{6 if spec is _DOW else spec.high}/{step}"
-    text = f"{low}-{high}" if last else str(low)
-    return text if step is None else f"{text}/{step}"
+    return f"{low}-{high}" if step is None else f"{low}-{high}/{step}"
 
 
 def _hash_value(index: int, job_name: str) -> str:
