@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -507,6 +509,58 @@ def test_timeout_kills_the_whole_process_group() -> None:
 def test_timeout_without_shell_kills_the_program() -> None:
     result = run_shell({"command": "sleep 30", "timeout": "200ms"})
     assert result.error == "timeout after 200ms"
+
+
+def kill_all(text: str) -> None:
+    """SIGKILL every process with ``text`` in its command line (test cleanup)."""
+    for pid in live_processes_with(text):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_process_that_left_the_group_does_not_hold_the_job_open() -> None:
+    mark = marker()
+    executor = ShellExecutor(pipe_check_interval=0.1)
+    try:
+        started = time.monotonic()
+        result = run_shell(
+            {"shell": "true", "command": f"setsid sleep {mark} & echo done"}, executor
+        )
+        assert time.monotonic() - started < 3
+        assert result.success
+        assert result.output.startswith(b"done\n")
+        assert b"stopped reading output" in result.output
+        assert live_processes_with(mark), "a process outside the group is not ours"
+    finally:
+        kill_all(mark)
+
+
+def test_background_member_of_the_group_is_waited_for() -> None:
+    # Like Dkron: the job lasts while its group can still write to the pipe.
+    started = time.monotonic()
+    result = run_shell(
+        {"shell": "true", "command": "(sleep 0.5; echo late) & echo early"},
+        ShellExecutor(pipe_check_interval=0.1),
+    )
+    assert time.monotonic() - started >= 0.5
+    assert result.output == b"early\nlate\n"
+
+
+def test_timeout_returns_even_if_an_escaped_process_holds_the_pipe() -> None:
+    mark = marker()
+    try:
+        result = run_shell(
+            {
+                "shell": "true",
+                "command": f"setsid sleep {mark} & sleep 30",
+                "timeout": "200ms",
+            },
+            ShellExecutor(pipe_check_interval=0.1, kill_grace=5),
+        )
+        assert result.error == "timeout after 200ms"
+        assert b"stopped reading output" in result.output
+    finally:
+        kill_all(mark)
 
 
 def test_cancel_event_kills_the_group() -> None:

@@ -22,9 +22,12 @@ Config keys (all strings): ``command`` (required), ``shell``, ``env``, ``cwd``,
 # When do we kill the group? On timeout, on an explicit cancel, on exceeding
 # mem_limit, and on every abnormal way out of ``run`` (an exception, or the
 # task being cancelled). When the leader exits normally we do NOT kill the
-# group: like Dkron we keep reading until every holder of the output pipe has
-# closed it, and a process that detached its output (a deliberately
-# daemonised helper) is left alone.
+# group: like Dkron we keep reading while any member of the group may still
+# write (``sleep 100 & exit 0`` runs until the sleep ends), and a process that
+# detached its output (a deliberately daemonised helper) is left alone. A
+# process that left the group but kept the pipe (``setsid daemon &``) would
+# keep the job running forever in Dkron; we stop reading once the group is
+# empty and say so in the output.
 #
 # Reaping is the event loop's child watcher's job: it waitpid()s our leader
 # whether or not anyone awaits it, and orphaned grandchildren are re-parented
@@ -74,6 +77,9 @@ __all__ = [
 # After a SIGKILL, how long (seconds) we keep reading output that is still
 # buffered in the pipe before giving up on it.
 KILL_GRACE = 2.0
+# Once the job's first process exited, how often (seconds) we check whether
+# its process group is empty while the output pipe is still open.
+PIPE_CHECK_INTERVAL = 1.0
 # How often (seconds) the memory watcher samples the job's resident set.
 MEM_POLL_INTERVAL = 0.5
 
@@ -406,13 +412,25 @@ def parse_mem_limit(text: str) -> int:
 class _JobProtocol(asyncio.SubprocessProtocol):
     """Streams the job's single output pipe and reports exit and the end."""
 
-    def __init__(self, out: TeeSink, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, out: TeeSink, loop: asyncio.AbstractEventLoop, pipe_check: float
+    ) -> None:
         self.out = out
+        self.loop = loop
+        self.pipe_check = pipe_check
+        self.pgid = 0
         self.exited: asyncio.Future[None] = loop.create_future()
-        # Resolved once the process exited AND every pipe is closed.
+        # Resolved once the process exited AND every pipe is closed, or when
+        # we gave up on a pipe held open by a process outside the group.
         self.finished: asyncio.Future[None] = loop.create_future()
+        self.abandoned = False
         self.sink_error: Exception | None = None
         self.on_sink_error: Callable[[], None] = lambda: None
+        self._check: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self.pgid = transport.get_pid()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if self.sink_error is not None:
@@ -427,6 +445,34 @@ class _JobProtocol(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
+        self._check = self.loop.call_later(self.pipe_check, self._check_pipe)
+
+    def _check_pipe(self) -> None:
+        # The leader is gone but the pipe is open. While members of its group
+        # live, they may hold it (``sleep 100 &``): wait, as Dkron does. Once
+        # the group is empty, whoever holds it left the group on purpose
+        # (setsid, a daemon) and could hold it forever: stop reading.
+        if self.finished.done():
+            return
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            self.abandon()
+            return
+        except PermissionError:
+            pass  # the group exists but runs as another user (su)
+        self._check = self.loop.call_later(self.pipe_check, self._check_pipe)
+
+    def abandon(self) -> None:
+        """Stop waiting for the output pipe to close."""
+        if not self.finished.done():
+            self.abandoned = True
+            self.finished.set_result(None)
+
+    def stop(self) -> None:
+        """Cancel the pending pipe check, if any."""
+        if self._check is not None:
+            self._check.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
         for fut in (self.exited, self.finished):
@@ -489,6 +535,9 @@ class ShellExecutor:
         max_output: bytes of output kept in the result (the end is kept).
         mem_poll_interval: seconds between mem_limit samples.
         kill_grace: seconds to keep reading output after a SIGKILL.
+        pipe_check_interval: seconds between checks, once the job's first
+            process exited, for an output pipe held open by a process that
+            left the job's process group.
     """
 
     name = "shell"
@@ -499,10 +548,12 @@ class ShellExecutor:
         max_output: int = MAX_OUTPUT_BYTES,
         mem_poll_interval: float = MEM_POLL_INTERVAL,
         kill_grace: float = KILL_GRACE,
+        pipe_check_interval: float = PIPE_CHECK_INTERVAL,
     ) -> None:
         self.max_output = max_output
         self.mem_poll_interval = mem_poll_interval
         self.kill_grace = kill_grace
+        self.pipe_check_interval = pipe_check_interval
 
     def validate(self, config: dict[str, str]) -> None:
         """Raise ValidationError if ``config`` cannot be run.
@@ -548,7 +599,7 @@ class ShellExecutor:
         except LookupError as exc:
             return _fail(out, f"cannot start: {exc}", str(exc))
         loop = asyncio.get_running_loop()
-        protocol = _JobProtocol(out, loop)
+        protocol = _JobProtocol(out, loop, self.pipe_check_interval)
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: protocol, *cfg.argv, **spawn_kwargs
@@ -591,7 +642,9 @@ class ShellExecutor:
                 )
             if not protocol.finished.done():
                 await asyncio.wait([protocol.finished], timeout=self.kill_grace)
+                protocol.abandon()  # SIGKILLed, yet someone holds the pipe
         finally:
+            protocol.stop()
             for task in helpers:
                 task.cancel()
             if not protocol.finished.done():
@@ -601,6 +654,11 @@ class ShellExecutor:
             transport.close()
         if protocol.sink_error is not None:
             raise protocol.sink_error
+        if protocol.abandoned:
+            protocol.out.note(
+                "stopped reading output: a process that left the job's process "
+                "group still holds the output pipe open"
+            )
         return _outcome(protocol.out, transport.get_returncode(), killer)
 
     def _start_helpers(
