@@ -49,6 +49,10 @@ class NotFoundError(CronmeshError, LookupError):
 class ConflictError(CronmeshError):
     """The request clashes with what is stored (a running forbid job, children)."""
 
+    def __init__(self, message: str, execution_id: str = "") -> None:
+        super().__init__(message)
+        self.execution_id = execution_id
+
 
 class StorageError(CronmeshError):
     """The storage layer failed: LMDB error, lock held, disk full."""

@@ -1,0 +1,341 @@
+"""The agent: one cronmesh node in one asyncio process.
+
+It owns the data dir, the state machine and the log that feeds it, the
+runner, and, while it leads, the dispatcher and scheduler; it serves the
+HTTP API in the same event loop. `Agent` is also the facade the API calls:
+the API validates nothing by itself and writes nothing directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import uvicorn
+
+from cronmesh import __version__
+from cronmesh.core.commitlog import LocalLog
+from cronmesh.core.dispatcher import Dispatcher
+from cronmesh.core.executors import get_executor
+from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
+from cronmesh.core.model import Execution, Job, format_time
+from cronmesh.core.runner import Runner
+from cronmesh.core.schedule import load_zone, parse_schedule
+from cronmesh.core.scheduler import DEFAULT_CATCH_UP, Scheduler
+from cronmesh.errors import (
+    ConflictError,
+    CronmeshError,
+    NotFoundError,
+    ValidationError,
+)
+from cronmesh.metrics import Metrics
+from cronmesh.storage.env import DataDir
+from cronmesh.storage.state import StateStore
+
+__all__ = ["Agent", "AgentConfig", "parse_addr"]
+
+log = logging.getLogger("cronmesh.agent")
+
+
+def parse_addr(text: str, default_port: int, field_name: str) -> tuple[str, int]:
+    """`host:port`, `:port` or `host` into (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = text, str(default_port)
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        port = int(port_text)
+    except ValueError as exc:
+        raise ValidationError(
+            f"{field_name}: {text!r} has no valid port", field_name
+        ) from exc
+    if not 0 <= port <= 65535:
+        raise ValidationError(f"{field_name}: port {port} out of range", field_name)
+    return host, port
+
+
+@dataclass
+class AgentConfig:
+    """Settings of one agent (Dkron's names where Dkron has one)."""
+
+    node_name: str = field(default_factory=socket.gethostname)
+    data_dir: str = "cronmesh.data"
+    server: bool = False
+    bootstrap_expect: int = 0
+    http_addr: str = "127.0.0.1:8080"
+    bind_addr: str = "0.0.0.0:8946"
+    rpc_port: int = 6868
+    tags: dict[str, str] = field(default_factory=dict)
+    log_level: str = "info"
+    # Ours.
+    max_executions: int = 100  # executions kept per job
+    max_output: int = 256_000  # bytes of output kept per execution (the end)
+    catch_up_window: float = DEFAULT_CATCH_UP  # seconds a missed fire may run late
+    shutdown_grace: float = 30.0  # seconds running jobs get on SIGTERM
+    region: str = "global"
+    datacenter: str = "dc1"
+
+
+class Agent:
+    """A running node; also the facade behind the HTTP API."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.node_name = config.node_name
+        self.started_at = datetime.now(UTC)
+        self.data = DataDir(config.data_dir)
+        self.store = StateStore(self.data)
+        self.fsm = StateMachine(
+            self.store,
+            max_executions=config.max_executions,
+            max_output=config.max_output,
+        )
+        self.log = LocalLog(self.fsm)
+        self.runner = Runner(self.node_name, self.log, max_output=config.max_output)
+        self.dispatcher = Dispatcher(self.node_name, self.store, self.log, self.runner)
+        self.scheduler = Scheduler(
+            self.store, self.dispatcher, catch_up=config.catch_up_window
+        )
+        self.metrics = Metrics(self)
+        self.fsm.listeners += [
+            self.scheduler.on_event,
+            self.dispatcher.on_event,
+            self.metrics.on_event,
+        ]
+        self.paused = False
+        self.http_host, self.http_port = parse_addr(config.http_addr, 8080, "http-addr")
+        self._stop = asyncio.Event()
+        self._server: uvicorn.Server | None = None
+
+    # -- identity
+    @property
+    def tags(self) -> dict[str, str]:
+        host, _ = parse_addr(self.config.bind_addr, 8946, "bind-addr")
+        return {
+            **self.config.tags,
+            "role": "dkron",
+            "server": "true" if self.config.server else "false",
+            "version": __version__,
+            "dc": self.config.datacenter,
+            "region": self.config.region,
+            "rpc_addr": f"{host}:{self.config.rpc_port}",
+            "port": str(self.config.rpc_port),
+            "expect": str(self.config.bootstrap_expect),
+        }
+
+    def is_leader(self) -> bool:
+        return self.log.is_leader()
+
+    def member(self) -> dict[str, Any]:
+        """This node in the shape of Dkron's /v1/members entries."""
+        host, port = parse_addr(self.config.bind_addr, 8946, "bind-addr")
+        return {
+            "Id": self.node_name,
+            "Name": self.node_name,
+            "Addr": host,
+            "Port": port,
+            "Tags": self.tags,
+            "Status": 1,
+            "statusText": "alive",
+            "ProtocolMin": 1,
+            "ProtocolMax": 5,
+            "ProtocolCur": 2,
+            "DelegateMin": 2,
+            "DelegateMax": 5,
+            "DelegateCur": 4,
+        }
+
+    # -- jobs
+    def validate_job(self, data: Any, *, keep_runtime: bool = False) -> Job:
+        """Everything that can be checked without the stored state.
+
+        Raises:
+            ValidationError: names the field and what is wrong with it.
+        """
+        job = Job.from_json(data, keep_runtime=keep_runtime)
+        if job.timezone:
+            load_zone(job.timezone)
+        if job.schedule or not job.parent_job:
+            if not job.schedule:
+                raise ValidationError(
+                    "schedule: required (or set parent_job for a dependent job)",
+                    "schedule",
+                )
+            parse_schedule(job.schedule, job.timezone, job.name)
+        if not job.executor:
+            raise ValidationError('executor: required (e.g. "shell")', "executor")
+        get_executor(job.executor).validate(job.executor_config)
+        return job
+
+    async def set_job(self, data: Any, *, restore: bool = False) -> tuple[Job, bool]:
+        """Validate and store a job; returns (job, created)."""
+        job = self.validate_job(data, keep_runtime=restore)
+        payload = {k: v for k, v in job.to_json().items()}
+        result = await self.log.propose(
+            encode_command("set_job", job=payload, restore=restore)
+        )
+        _raise_for(result)
+        return result.value, result.code == 201
+
+    async def delete_job(self, name: str) -> Job:
+        result = await self.log.propose(encode_command("delete_job", name=name))
+        _raise_for(result)
+        return result.value
+
+    async def toggle_job(self, name: str) -> Job:
+        job = self.get_job(name)
+        result = await self.log.propose(
+            encode_command("set_disabled", name=name, disabled=not job.disabled)
+        )
+        _raise_for(result)
+        return result.value
+
+    async def run_job(self, name: str) -> Execution | None:
+        """Start a manual run; returns as soon as the run is recorded."""
+        outcome = await self.dispatcher.fire(name, trigger="manual")
+        return outcome.execution
+
+    async def delete_executions(self, name: str) -> Job:
+        result = await self.log.propose(encode_command("delete_executions", name=name))
+        _raise_for(result)
+        return result.value
+
+    def get_job(self, name: str) -> Job:
+        job = self.store.get_job(name)
+        if job is None:
+            raise NotFoundError(f"job {name!r} not found")
+        return job
+
+    def next_fire(self, job: Job) -> datetime | None:
+        """The instant the job will really fire next (None: not scheduled)."""
+        if self.scheduler.running:
+            return self.scheduler.next_fire(job.name)
+        if not job.schedule:
+            return None
+        try:
+            schedule = parse_schedule(job.schedule, job.timezone, job.name)
+        except CronmeshError:
+            return None
+        return schedule.next_after(datetime.now(UTC))
+
+    def job_json(self, job: Job) -> dict[str, Any]:
+        data = job.to_json()
+        data["next"] = format_time(None if job.disabled else self.next_fire(job))
+        return data
+
+    def execution_json(
+        self, execution: Execution, *, with_output: bool = True
+    ) -> dict[str, Any]:
+        data = execution.to_json(with_output=with_output)
+        if with_output and execution.running:
+            live = self.runner.output_of(execution.id)
+            if live is not None:
+                data["output"] = live
+        return data
+
+    # -- life cycle
+    async def recover_interrupted(self) -> int:
+        """Mark this node's executions that a crash left running as failed."""
+        count = 0
+        for execution in self.store.running():
+            if execution.node_name != self.node_name:
+                continue
+            execution.finished_at = datetime.now(UTC)
+            execution.success = False
+            execution.output = (
+                f"[cronmesh] interrupted: the agent stopped while this execution "
+                f"ran; it restarted at {format_time(self.started_at)}\n"
+            )
+            await self.log.propose(
+                encode_command("execution_done", execution=execution.to_json())
+            )
+            count += 1
+        if count:
+            log.info("marked interrupted executions failed count=%d", count)
+        return count
+
+    async def run(self) -> None:
+        """Serve until `stop()` or a signal; then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        await self.recover_interrupted()
+        self.scheduler.start()
+        server_task = await self._start_http()
+        log.info(
+            "agent started node=%s http=%s:%d data_dir=%s pid=%d",
+            self.node_name,
+            self.http_host,
+            self.http_port,
+            self.config.data_dir,
+            os.getpid(),
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown(server_task)
+
+    async def _start_http(self) -> asyncio.Task[None]:
+        from cronmesh.api.app import create_app
+
+        config = uvicorn.Config(
+            create_app(self),
+            host=self.http_host,
+            port=self.http_port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        server = _QuietServer(config)
+        self._server = server
+        task = asyncio.create_task(server.serve(), name="http")
+        while not server.started:
+            if task.done():
+                task.result()
+                raise CronmeshError(
+                    f"HTTP server on {self.config.http_addr} did not start"
+                )
+            await asyncio.sleep(0.01)
+        return task
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self, server_task: asyncio.Task[None] | None) -> None:
+        log.info("agent stopping node=%s", self.node_name)
+        await self.scheduler.stop()
+        await self.dispatcher.stop()
+        await self.runner.stop(self.config.shutdown_grace)
+        if self._server is not None:
+            self._server.should_exit = True
+        if server_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server_task, 5)
+        self.data.close()
+        log.info("agent stopped node=%s", self.node_name)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the agent owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _raise_for(result: ApplyResult) -> None:
+    if result.ok:
+        return
+    if result.code == 404:
+        raise NotFoundError(result.error)
+    if result.code == 409:
+        raise ConflictError(result.error)
+    raise ValidationError(result.error)

@@ -1,0 +1,395 @@
+"""Dkron's REST API (`/v1`), served by FastAPI inside the agent's loop.
+
+Routes, fields, status codes, headers and query parameters follow Dkron's
+`dkron/api.go`. Where Dkron's behaviour is a known bug we differ, and say so
+in docs/dkron-compatibility.md: errors come as `{"error": "..."}` instead of
+an empty body, a manual run answers at once instead of blocking until the
+job ends, and `next` is the instant the job really fires.
+
+All errors are translated to HTTP in one place, `_errors`; handlers raise
+cronmesh errors and never build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cronmesh import __version__
+from cronmesh.core.model import Job
+from cronmesh.errors import (
+    ConflictError,
+    CronmeshError,
+    NotFoundError,
+    StorageError,
+    ValidationError,
+)
+
+if TYPE_CHECKING:
+    from cronmesh.agent import Agent
+
+__all__ = ["create_app"]
+
+MAX_BODY = 4 << 20
+
+
+class PrettyJSON(JSONResponse):
+    """JSON, indented when the request asked for `?pretty`."""
+
+    def __init__(
+        self,
+        content: Any,
+        status_code: int = 200,
+        *,
+        pretty: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.pretty = pretty
+        super().__init__(content, status_code=status_code, headers=headers)
+
+    def render(self, content: Any) -> bytes:
+        if self.pretty:
+            return (json.dumps(content, indent=4, ensure_ascii=False) + "\n").encode()
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _reply(
+    request: Request,
+    content: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> PrettyJSON:
+    pretty = "pretty" in request.query_params
+    return PrettyJSON(content, status, pretty=pretty, headers=headers)
+
+
+def _error(request: Request, status: int, message: str, **extra: Any) -> PrettyJSON:
+    return _reply(request, {"error": message, **extra}, status)
+
+
+async def _read_json(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ValidationError(f"body: larger than {MAX_BODY} bytes")
+    if not body.strip():
+        raise ValidationError("body: empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ValidationError(f"body: invalid JSON: {exc}") from exc
+
+
+def _bool_query(value: str | None) -> bool:
+    return value is not None and value.lower() not in ("false", "0", "no")
+
+
+def _slice(items: list[Any], request: Request) -> list[Any]:
+    q = request.query_params
+    try:
+        start = int(q.get("_start", "0"))
+        end = int(q["_end"]) if "_end" in q else len(items)
+    except ValueError as exc:
+        raise ValidationError("_start/_end: expected whole numbers") from exc
+    return items[max(start, 0) : max(end, 0)]
+
+
+def _filter_jobs(jobs: list[Job], request: Request) -> list[Job]:
+    q = request.query_params
+    text = q.get("q", "")
+    status = q.get("status")
+    disabled = q.get("disabled")
+    metadata = {
+        key[len("metadata[") : -1]: value
+        for key, value in q.multi_items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    found = []
+    for job in jobs:
+        if text and text not in job.name and text not in job.displayname:
+            continue
+        if status == "untriggered" and job.status:
+            continue
+        if status and status != "untriggered" and job.status != status:
+            continue
+        if disabled not in (None, "") and str(job.disabled).lower() != disabled.lower():
+            continue
+        if metadata and any(job.metadata.get(k) != v for k, v in metadata.items()):
+            continue
+        found.append(job)
+    return found
+
+
+def _sort(items: list[dict[str, Any]], key: str, order: str) -> list[dict[str, Any]]:
+    def sort_key(item: dict[str, Any]) -> tuple[int, str]:
+        value = item.get(key)
+        return (
+            (0, "")
+            if value is None
+            else (1, str(value) if not isinstance(value, int) else f"{value:030d}")
+        )
+
+    return sorted(items, key=sort_key, reverse=order.upper() == "DESC")
+
+
+def create_app(agent: Agent) -> FastAPI:
+    """The HTTP application of `agent`."""
+    app = FastAPI(title="cronmesh", version=__version__, docs_url=None, redoc_url=None)
+    _errors(app)
+    _meta_routes(app, agent)
+    _job_routes(app, agent)
+    _execution_routes(app, agent)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    """Translate cronmesh errors into Dkron status codes with a message."""
+
+    async def validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ValidationError)
+        extra = {"field": exc.field} if exc.field else {}
+        return _error(request, 400, str(exc), **extra)
+
+    async def conflict(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ConflictError)
+        extra = {"execution_id": exc.execution_id} if exc.execution_id else {}
+        return _error(request, 409, str(exc), **extra)
+
+    def plain(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+        async def handler(request: Request, exc: Exception) -> Response:
+            return _error(request, status, str(exc))
+
+        return handler
+
+    app.add_exception_handler(ValidationError, validation)
+    app.add_exception_handler(ConflictError, conflict)
+    app.add_exception_handler(NotFoundError, plain(404))
+    app.add_exception_handler(StorageError, plain(503))
+    app.add_exception_handler(CronmeshError, plain(500))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(request, 400, f"{where}: {first.get('msg', 'invalid request')}")
+
+
+def _meta_routes(app: FastAPI, agent: Agent) -> None:
+    app.state.node_name = agent.node_name
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        body: dict[str, Any] = {"status": "healthy"}
+        if agent.config.server:
+            body["leader"] = agent.is_leader()
+        return _reply(request, body)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        data = generate_latest(agent.metrics.registry)
+        return Response(content=data, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1")
+    @app.get("/v1/")
+    async def index(request: Request) -> Response:
+        return _reply(
+            request,
+            {
+                "agent": {"name": agent.node_name, "version": __version__},
+                "serf": {"members": "1", "health_score": "0"},
+                "tags": agent.tags,
+            },
+        )
+
+    @app.get("/v1/members")
+    async def members(request: Request) -> Response:
+        found = [agent.member()]
+        return _reply(request, found, headers={"X-Total-Count": str(len(found))})
+
+    @app.get("/v1/leader")
+    async def leader(request: Request) -> Response:
+        if not agent.is_leader():
+            raise NotFoundError("no leader known")
+        return _reply(request, agent.member())
+
+    @app.get("/v1/isleader")
+    async def isleader(request: Request) -> Response:
+        if agent.is_leader():
+            return _reply(request, "I am a leader")
+        return _reply(request, "I am a follower", 404)
+
+    @app.post("/v1/leave")
+    async def leave(request: Request) -> Response:
+        agent.stop()
+        return _reply(request, [])
+
+    @app.get("/v1/busy")
+    async def busy(request: Request) -> Response:
+        running = sorted(agent.store.running(), key=lambda e: e.started_at)
+        body = [agent.execution_json(e) for e in running]
+        return _reply(request, body, headers={"X-Total-Count": str(len(body))})
+
+    @app.get("/v1/pause")
+    async def pause_status(request: Request) -> Response:
+        return _reply(request, {"paused": agent.paused})
+
+    @app.post("/v1/pause")
+    async def pause(request: Request) -> Response:
+        agent.paused = True
+        return _reply(request, {"paused": True})
+
+    @app.post("/v1/unpause")
+    async def unpause(request: Request) -> Response:
+        agent.paused = False
+        return _reply(request, {"paused": False})
+
+    @app.post("/v1/restore")
+    async def restore(request: Request) -> Response:
+        from cronmesh.api.restore import restore_jobs
+
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ValidationError(
+                "file: expected a multipart field 'file' with the jobs"
+            )
+        data = await upload.read()
+        return _reply(request, await restore_jobs(agent, data))
+
+
+def _job_routes(app: FastAPI, agent: Agent) -> None:
+    async def upsert(request: Request, name: str | None = None) -> Response:
+        if agent.paused:
+            return _error(
+                request, 503, "new job submissions are paused (POST /v1/unpause)"
+            )
+        data = await _read_json(request)
+        if name is not None and isinstance(data, dict):
+            body_name = data.setdefault("name", name)
+            if body_name != name:
+                raise ValidationError(
+                    f"name: {body_name!r} in the body differs from {name!r} "
+                    "in the path",
+                    "name",
+                )
+        job, _ = await agent.set_job(data)
+        if "runoncreate" in request.query_params:
+            await agent.run_job(job.name)
+        location = f"{request.url.path.rstrip('/')}"
+        if name is None:
+            location = f"{location}/{job.name}"
+        return _reply(request, agent.job_json(job), 201, headers={"Location": location})
+
+    @app.post("/v1/jobs")
+    @app.patch("/v1/jobs")
+    async def create_or_update(request: Request) -> Response:
+        return await upsert(request)
+
+    @app.put("/v1/jobs/{job}")
+    async def put_job(request: Request, job: str) -> Response:
+        return await upsert(request, job)
+
+    @app.patch("/v1/jobs/{job}")
+    async def patch_job(request: Request, job: str) -> Response:
+        current = agent.get_job(job).to_json()
+        changes = await _read_json(request)
+        if not isinstance(changes, dict):
+            raise ValidationError("body: expected a JSON object")
+        if changes.get("name", job) != job:
+            raise ValidationError("name: cannot be changed by PATCH", "name")
+        current.update(changes)
+        stored, _ = await agent.set_job(current)
+        return _reply(request, agent.job_json(stored))
+
+    @app.get("/v1/jobs")
+    async def list_jobs(request: Request) -> Response:
+        jobs = _filter_jobs(agent.store.list_jobs(), request)
+        sort = request.query_params.get("_sort", "name")
+        sort = "name" if sort == "id" else sort
+        body = _sort(
+            [agent.job_json(j) for j in jobs],
+            sort,
+            request.query_params.get("_order", "ASC"),
+        )
+        return _reply(
+            request, _slice(body, request), headers={"X-Total-Count": str(len(body))}
+        )
+
+    @app.get("/v1/jobs/{job}")
+    async def get_job(request: Request, job: str) -> Response:
+        return _reply(request, agent.job_json(agent.get_job(job)))
+
+    @app.delete("/v1/jobs/{job}")
+    async def delete_job(request: Request, job: str) -> Response:
+        return _reply(request, agent.job_json(await agent.delete_job(job)))
+
+    @app.post("/v1/jobs/{job}")
+    @app.post("/v1/jobs/{job}/run")
+    async def run_job(request: Request, job: str) -> Response:
+        execution = await agent.run_job(job)
+        body = agent.job_json(agent.get_job(job))
+        headers = {"Location": request.url.path}
+        if execution is not None:
+            headers["X-Execution-Id"] = execution.id
+        return _reply(request, body, 202, headers=headers)
+
+    @app.post("/v1/jobs/{job}/toggle")
+    async def toggle(request: Request, job: str) -> Response:
+        stored = await agent.toggle_job(job)
+        return _reply(
+            request, agent.job_json(stored), headers={"Location": request.url.path}
+        )
+
+
+def _execution_routes(app: FastAPI, agent: Agent) -> None:
+    @app.get("/v1/jobs/{job}/executions")
+    async def executions(request: Request, job: str) -> Response:
+        agent.get_job(job)
+        q = request.query_params
+        try:
+            limit = int(q.get("output_size_limit", "-1"))
+        except ValueError as exc:
+            raise ValidationError("output_size_limit: expected a whole number") from exc
+        body = [agent.execution_json(e) for e in agent.store.executions(job)]
+        for item in body:
+            item["output_truncated"] = False
+            if limit > -1 and len(item["output"]) > limit:
+                item["output"] = item["output"][len(item["output"]) - limit :]
+                item["output_truncated"] = True
+        sort = q.get("_sort", "started_at")
+        sort = "started_at" if sort in ("id", "") else sort
+        body = _sort(body, sort, q.get("_order", "DESC"))
+        return _reply(
+            request, _slice(body, request), headers={"X-Total-Count": str(len(body))}
+        )
+
+    @app.delete("/v1/jobs/{job}/executions")
+    async def delete_executions(request: Request, job: str) -> Response:
+        return _reply(request, agent.job_json(await agent.delete_executions(job)))
+
+    @app.get("/v1/jobs/{job}/executions/{execution}")
+    async def execution(request: Request, job: str, execution: str) -> Response:
+        agent.get_job(job)
+        found = agent.store.get_execution(job, execution)
+        if found is None:
+            raise NotFoundError(f"execution {execution!r} of job {job!r} not found")
+        return _reply(request, agent.execution_json(found))
+
+    @app.post("/v1/jobs/{job}/executions/{execution}/kill")
+    async def kill(request: Request, job: str, execution: str) -> Response:
+        agent.get_job(job)
+        if not agent.runner.kill(execution):
+            raise NotFoundError(
+                f"execution {execution!r} of job {job!r} is not running here"
+            )
+        return _reply(request, {"killed": execution}, 202)

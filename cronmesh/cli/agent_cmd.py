@@ -1,0 +1,152 @@
+"""`cronmesh agent`: start a node with Dkron's flags."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cronmesh.agent import Agent, AgentConfig, parse_addr
+from cronmesh.errors import CronmeshError, ValidationError
+
+__all__ = ["agent", "load_config_file"]
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parse_tags(values: list[str]) -> dict[str, str]:
+    tags = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValidationError(f"--tag: {item!r} is not key=value", "tag")
+        tags[key] = value
+    return tags
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A config file (JSON, TOML or YAML) as a dict with `_` keys."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValidationError(f"--config: cannot read {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # each parser has its own error class
+        raise ValidationError(f"--config: {path} cannot be parsed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValidationError(f"--config: {path} must hold a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _config_from_file(path: Path) -> AgentConfig:
+    config = AgentConfig()
+    known = set(AgentConfig.__dataclass_fields__)
+    for key, value in load_config_file(path).items():
+        if key == "tags" and isinstance(value, dict):
+            config.tags = {str(k): str(v) for k, v in value.items()}
+        elif key in known:
+            setattr(config, key, value)
+        else:
+            raise ValidationError(f"--config: unknown setting {key!r} in {path}")
+    return config
+
+
+def agent(
+    server: Annotated[
+        bool, typer.Option("--server", help="Run as a server (Raft voter).")
+    ] = False,
+    bootstrap_expect: Annotated[int, typer.Option("--bootstrap-expect", min=0)] = 0,
+    data_dir: Annotated[
+        str, typer.Option("--data-dir", help="Where state lives.")
+    ] = "",
+    node_name: Annotated[
+        str, typer.Option("--node-name", help="Default: host name.")
+    ] = "",
+    http_addr: Annotated[
+        str, typer.Option("--http-addr", help="HTTP API address.")
+    ] = "",
+    bind_addr: Annotated[str, typer.Option("--bind-addr", help="Gossip address.")] = "",
+    rpc_port: Annotated[
+        int | None, typer.Option("--rpc-port", min=1, max=65535)
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="key=value, repeatable.")
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug|info|warning|error")
+    ] = "",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="JSON, TOML or YAML.")
+    ] = None,
+    max_executions: Annotated[
+        int | None, typer.Option("--max-executions", min=1, help="Kept per job.")
+    ] = None,
+    max_output: Annotated[
+        int | None, typer.Option("--max-output", min=1024, help="Bytes kept per run.")
+    ] = None,
+    catch_up_window: Annotated[
+        float | None, typer.Option("--catch-up-window", min=0, help="Seconds.")
+    ] = None,
+) -> None:
+    """Start a cronmesh agent (a node)."""
+    try:
+        config = _config_from_file(config_file) if config_file else AgentConfig()
+        overrides: dict[str, Any] = {
+            "data_dir": data_dir,
+            "node_name": node_name,
+            "http_addr": http_addr,
+            "bind_addr": bind_addr,
+            "rpc_port": rpc_port,
+            "log_level": log_level,
+            "bootstrap_expect": bootstrap_expect,
+            "max_executions": max_executions,
+            "max_output": max_output,
+        }
+        for key, value in overrides.items():
+            if value:
+                setattr(config, key, value)
+        if catch_up_window is not None:
+            config.catch_up_window = catch_up_window
+        config.server = server or config.server
+        config.tags.update(_parse_tags(tag or []))
+        if config.log_level not in LEVELS:
+            raise ValidationError(
+                f"--log-level: {config.log_level!r} is not one of {LEVELS}"
+            )
+        parse_addr(config.http_addr, 8080, "http-addr")
+        parse_addr(config.bind_addr, 8946, "bind-addr")
+    except ValidationError as exc:
+        sys.stderr.write(f"cronmesh agent: error: {exc}\n")
+        raise typer.Exit(2) from exc
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(_run(config))
+    except CronmeshError as exc:
+        sys.stderr.write(f"cronmesh agent: error: {exc}\n")
+        raise typer.Exit(1) from exc
+    except OSError as exc:
+        sys.stderr.write(f"cronmesh agent: error: {exc}\n")
+        raise typer.Exit(1) from exc
+
+
+async def _run(config: AgentConfig) -> None:
+    node = Agent(config)
+    await node.run()

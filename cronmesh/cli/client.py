@@ -1,0 +1,230 @@
+"""Client commands: `jobs ...` and `executions`, thin wrappers over /v1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["Client", "executions", "jobs_app"]
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8080"
+
+jobs_app = typer.Typer(
+    help="List, show, apply, run, toggle and delete jobs.", no_args_is_help=True
+)
+
+AddressOpt = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        envvar="CRONMESH_ADDRESS",
+        help="HTTP address of an agent (env CRONMESH_ADDRESS).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+out = Console()
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one line on stderr and exit with `code`."""
+    sys.stderr.write(f"cronmesh: error: {message}\n")
+    raise typer.Exit(code)
+
+
+class Client:
+    """A small synchronous client of an agent's HTTP API."""
+
+    def __init__(self, address: str) -> None:
+        if "://" not in address:
+            address = f"http://{address}"
+        self.address = address.rstrip("/")
+        self.http = httpx.Client(base_url=self.address, timeout=30.0)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            fail(f"cannot reach cronmesh at {self.address}: {exc}")
+        if response.status_code >= 400:
+            fail(
+                f"{_message(response)} (HTTP {response.status_code})",
+                2 if response.status_code == 400 else 1,
+            )
+        return response
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip() or response.reason_phrase
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])
+    return json.dumps(body)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _job_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table("Name", "Schedule", "Status", "Disabled", "Success", "Error", "Next")
+    for job in jobs:
+        table.add_row(
+            job["name"],
+            job.get("schedule") or f"after {job.get('parent_job')}",
+            job.get("status") or "-",
+            "yes" if job.get("disabled") else "no",
+            str(job.get("success_count", 0)),
+            str(job.get("error_count", 0)),
+            job.get("next") or "-",
+        )
+    return table
+
+
+@jobs_app.command("list")
+def list_jobs(
+    address: AddressOpt = DEFAULT_ADDRESS,
+    as_json: JsonOpt = False,
+    query: Annotated[str, typer.Option("-q", "--query", help="Name contains.")] = "",
+) -> None:
+    """List jobs."""
+    params = {"q": query} if query else {}
+    jobs = Client(address).call("GET", "/v1/jobs", params=params).json()
+    if as_json:
+        _print_json(jobs)
+    else:
+        out.print(_job_table(jobs))
+
+
+@jobs_app.command("show")
+def show(
+    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+) -> None:
+    """Show one job."""
+    data = Client(address).call("GET", f"/v1/jobs/{job}").json()
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("Field", "Value", show_header=False)
+    for key, value in data.items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value))
+    out.print(table)
+
+
+def _load_jobs(path: Path) -> list[Any]:
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}", 2)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        fail(f"{path}: invalid JSON: {exc}", 2)
+    return data if isinstance(data, list) else [data]
+
+
+@jobs_app.command("apply")
+def apply(
+    file: Annotated[
+        Path,
+        typer.Option("-f", "--file", help="JSON job or list of jobs; - for stdin."),
+    ],
+    address: AddressOpt = DEFAULT_ADDRESS,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create or update jobs from a JSON file."""
+    client = Client(address)
+    stored = [
+        client.call("POST", "/v1/jobs", json=job).json() for job in _load_jobs(file)
+    ]
+    if as_json:
+        _print_json(stored)
+    else:
+        for job in stored:
+            out.print(
+                f"applied [bold]{job['name']}[/bold] next={job.get('next') or '-'}"
+            )
+
+
+@jobs_app.command("delete")
+def delete(
+    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+) -> None:
+    """Delete a job and its executions."""
+    data = Client(address).call("DELETE", f"/v1/jobs/{job}").json()
+    if as_json:
+        _print_json(data)
+    else:
+        out.print(f"deleted [bold]{job}[/bold]")
+
+
+@jobs_app.command("run")
+def run(
+    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+) -> None:
+    """Run a job now (returns once the run has started)."""
+    response = Client(address).call("POST", f"/v1/jobs/{job}/run")
+    exec_id = response.headers.get("X-Execution-Id", "")
+    if as_json:
+        _print_json({"job": job, "execution_id": exec_id})
+    else:
+        out.print(f"started [bold]{job}[/bold] execution={exec_id or '-'}")
+
+
+@jobs_app.command("toggle")
+def toggle(
+    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+) -> None:
+    """Enable a disabled job, or disable an enabled one."""
+    data = Client(address).call("POST", f"/v1/jobs/{job}/toggle").json()
+    if as_json:
+        _print_json(data)
+    else:
+        state = "disabled" if data.get("disabled") else "enabled"
+        out.print(f"[bold]{job}[/bold] is now {state}")
+
+
+def executions(
+    job: str,
+    address: AddressOpt = DEFAULT_ADDRESS,
+    as_json: JsonOpt = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Newest N.")] = 20,
+    output: Annotated[bool, typer.Option("--output", help="Show each output.")] = False,
+) -> None:
+    """List the executions of a job, newest first."""
+    params = {"_end": str(limit)}
+    data = (
+        Client(address).call("GET", f"/v1/jobs/{job}/executions", params=params).json()
+    )
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("ID", "Node", "Started", "Finished", "Status", "Attempt")
+    for item in data:
+        table.add_row(
+            item["id"],
+            item["node_name"],
+            item["started_at"],
+            item.get("finished_at") or "-",
+            item.get("status", ""),
+            str(item.get("attempt", 1)),
+        )
+    out.print(table)
+    if output:
+        for item in data:
+            out.rule(item["id"])
+            out.print(item.get("output", ""), markup=False, highlight=False)
+
+
+def env_address() -> str:
+    return os.environ.get("CRONMESH_ADDRESS", DEFAULT_ADDRESS)

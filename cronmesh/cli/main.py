@@ -1,0 +1,66 @@
+"""The `cronmesh` command: `agent` starts a node, the rest are API clients.
+
+Data goes to stdout (a Rich table, or JSON with `--json`), errors to stderr
+as one line. Exit codes: 0 done, 1 the server said no or could not be
+reached, 2 bad usage or bad input (see docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cronmesh import __version__
+from cronmesh.cli import agent_cmd, client, schedule
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="cronmesh",
+    help="A fault-tolerant distributed cron scheduler that speaks Dkron's API.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("agent")(agent_cmd.agent)
+app.add_typer(client.jobs_app, name="jobs")
+app.command("executions")(client.executions)
+app.add_typer(schedule.app, name="schedule")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version of cronmesh."""
+    typer.echo(f"cronmesh {__version__}")
+
+
+def _click_error(name: str) -> type[Exception]:
+    # Typer >= 0.20 carries its own copy of click; find its classes by name
+    # from a public one, so this works with either.
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+UsageError = _click_error("UsageError")
+ClickException = _click_error("ClickException")
+
+
+def main() -> None:
+    """Entry point: run the app, turning usage errors into one line, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.stderr.write("cronmesh: aborted\n")
+        sys.exit(130)
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)  # the help text was printed already
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "cronmesh"
+        sys.stderr.write(f"{where}: error: {exc.format_message()}\n")  # type: ignore[attr-defined]
+        sys.exit(2)
+    except ClickException as exc:
+        sys.stderr.write(f"cronmesh: error: {exc.format_message()}\n")  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 1))
+    sys.exit(code if isinstance(code, int) else 0)

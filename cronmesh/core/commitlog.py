@@ -1,0 +1,86 @@
+"""How a node turns a command into applied state.
+
+`CommandLog` is the seam between the parts that decide (API, scheduler,
+runner) and the part that makes a change durable. `LocalLog` is the
+single-server implementation: it numbers commands and applies them in
+batches, so every command proposed during one turn of the event loop shares
+one LMDB transaction and one fsync (group commit). The Raft driver will
+implement the same protocol, replicating the bytes before applying them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from cronmesh.core.fsm import ApplyResult, StateMachine
+from cronmesh.errors import CronmeshError
+
+__all__ = ["CommandLog", "LocalLog", "NotLeaderError"]
+
+log = logging.getLogger("cronmesh.log")
+
+
+class NotLeaderError(CronmeshError):
+    """This node cannot accept writes now; `leader` names who can, if known."""
+
+    def __init__(self, leader: str = "") -> None:
+        super().__init__(f"not the leader (leader: {leader or 'unknown'})")
+        self.leader = leader
+
+
+class CommandLog(Protocol):
+    """Makes commands durable and applies them in one order on every server."""
+
+    async def propose(self, payload: bytes) -> ApplyResult:
+        """Append `payload`, wait until it is applied here, return the result.
+
+        Raises:
+            NotLeaderError: this node cannot accept writes now.
+            StorageError: the command could not be made durable.
+        """
+        ...
+
+    def is_leader(self) -> bool: ...
+
+
+class LocalLog:
+    """A log of one server: applied as soon as written, in batches."""
+
+    def __init__(self, fsm: StateMachine) -> None:
+        self.fsm = fsm
+        self._pending: list[tuple[bytes, asyncio.Future[ApplyResult]]] = []
+        self._flush_scheduled = False
+        self.batches = 0
+
+    def is_leader(self) -> bool:
+        return True
+
+    async def propose(self, payload: bytes) -> ApplyResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ApplyResult] = loop.create_future()
+        self._pending.append((payload, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        first = self.fsm.store.applied_index() + 1
+        entries = [(first + i, payload) for i, (payload, _) in enumerate(batch)]
+        try:
+            results = self.fsm.apply_batch(entries)
+        except Exception as exc:  # every proposer must hear about the failure
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.batches += 1
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)

@@ -1,0 +1,438 @@
+"""The state machine: every change to jobs and executions is a command.
+
+A command is a small JSON object with an `op`. `StateMachine.apply_batch`
+applies a batch of (index, command) pairs in ONE write transaction together
+with the applied index, so a crash leaves either the whole batch or none of
+it. This is the seam Raft plugs into: today a `LocalLog` numbers commands
+and applies them at once; with Raft the same bytes are replicated first and
+applied on every server in log order.
+
+Rules every handler keeps, because the same log must give the same state on
+every server:
+  1. Read nothing but the command and the state: no clock, no randomness,
+     no environment. Times travel inside the command.
+  2. Check first, write after: a rejected command writes nothing, while the
+     other commands of its batch still commit.
+  3. Return an `ApplyResult`; never raise for a bad command. An exception
+     escaping a handler is a bug and aborts the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cronmesh.core.model import (
+    STATUS_FAILED,
+    STATUS_PARTIALLY_FAILED,
+    STATUS_SUCCESS,
+    Execution,
+    Job,
+    format_time,
+    parse_time,
+    to_ns,
+)
+from cronmesh.errors import InvariantViolation
+from cronmesh.storage.state import StateStore, StateView
+
+__all__ = ["ApplyResult", "Event", "StateMachine", "encode_command"]
+
+log = logging.getLogger("cronmesh.fsm")
+
+DEFAULT_MAX_EXECUTIONS = 100
+DEFAULT_MAX_OUTPUT = 256_000
+
+
+@dataclass
+class ApplyResult:
+    """What applying one command did.
+
+    `code` is an HTTP-like status: 200 done, 400 invalid, 404 not found,
+    409 conflict. `value` carries the job or execution written.
+    """
+
+    code: int = 200
+    error: str = ""
+    value: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code < 300
+
+
+@dataclass
+class Event:
+    """A change the rest of the node reacts to, emitted after the commit."""
+
+    kind: str  # job_set, job_deleted, execution_started, execution_done
+    job: str
+    execution: Execution | None = None
+    previous: Job | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_command(op: str, **fields: Any) -> bytes:
+    return json.dumps({"op": op, **fields}, separators=(",", ":")).encode()
+
+
+def _fail(code: int, message: str) -> ApplyResult:
+    return ApplyResult(code=code, error=message)
+
+
+class StateMachine:
+    """Applies commands to the state store and tells listeners what changed."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        max_executions: int = DEFAULT_MAX_EXECUTIONS,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+    ) -> None:
+        self.store = store
+        self.max_executions = max_executions
+        self.max_output = max_output
+        self.listeners: list[Callable[[Event], None]] = []
+        self._handlers: dict[
+            str, Callable[[StateView, dict[str, Any], list[Event]], ApplyResult]
+        ] = {
+            "set_job": self._set_job,
+            "delete_job": self._delete_job,
+            "set_disabled": self._set_disabled,
+            "execution_started": self._execution_started,
+            "execution_done": self._execution_done,
+            "delete_executions": self._delete_executions,
+            "restore": self._restore,
+            "noop": lambda v, c, e: ApplyResult(),
+        }
+
+    def apply_batch(self, entries: list[tuple[int, bytes]]) -> list[ApplyResult]:
+        """Apply consecutive log entries in one transaction, then notify.
+
+        Entries at or below the applied index are skipped (a replay after a
+        crash), and their result is a 200 with no value.
+        """
+        events: list[Event] = []
+
+        def run(txn: Any) -> list[ApplyResult]:
+            events.clear()
+            view = StateView(self.store.data, txn)
+            applied = view.applied_index()
+            results = []
+            for index, payload in entries:
+                if index <= applied:
+                    results.append(ApplyResult())
+                    continue
+                if index != applied + 1:
+                    raise InvariantViolation(
+                        f"apply gap: applied_index={applied} next_index={index}"
+                    )
+                results.append(self._apply_one(view, payload, events))
+                applied = index
+            view.set_applied_index(applied)
+            return results
+
+        results = self.store.data.write(run)
+        for event in events:
+            for listener in self.listeners:
+                listener(event)
+        return results
+
+    def _apply_one(
+        self, view: StateView, payload: bytes, events: list[Event]
+    ) -> ApplyResult:
+        try:
+            command = json.loads(payload)
+            handler = self._handlers[command["op"]]
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping undecodable command bytes=%d", len(payload))
+            return _fail(400, "undecodable command")
+        return handler(view, command, events)
+
+    # -- jobs
+    def _set_job(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        restore = bool(cmd.get("restore"))
+        job = Job.from_json(cmd["job"], keep_runtime=restore)
+        previous = view.get_job(job.name)
+        if job.parent_job:
+            problem = self._parent_problem(view, job)
+            if problem is not None:
+                return problem
+        if previous is not None:
+            # Runtime fields belong to the store, not to the client (Dkron
+            # #279: an update must not drop the list of children).
+            job.dependent_jobs = previous.dependent_jobs
+            if not restore:
+                _copy_runtime(previous, job)
+        else:
+            job.dependent_jobs = []
+        old_parent = previous.parent_job if previous else ""
+        if old_parent and old_parent != job.parent_job:
+            self._unlink_child(view, old_parent, job.name)
+        if job.parent_job and job.parent_job != old_parent:
+            parent = view.get_job(job.parent_job)
+            assert parent is not None
+            if job.name not in parent.dependent_jobs:
+                parent.dependent_jobs.append(job.name)
+                view.put_job(parent)
+        view.put_job(job)
+        events.append(Event("job_set", job.name, previous=previous))
+        return ApplyResult(code=201 if previous is None else 200, value=job)
+
+    def _restore(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        """Store many jobs at once, or none: parents first, all checked before."""
+        jobs = {}
+        for data in cmd["jobs"]:
+            job = Job.from_json(data, keep_runtime=True)
+            jobs[job.name] = data
+        order: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(name: str) -> str | None:
+            if name in order:
+                return None
+            if name in visiting:
+                return f"parent_job: cycle through {name!r}"
+            visiting.add(name)
+            parent = jobs[name].get("parent_job") or ""
+            if parent in jobs:
+                problem = visit(parent)
+                if problem:
+                    return problem
+            elif parent and view.get_job(parent) is None:
+                return f"parent_job: parent job {parent!r} of {name!r} not found"
+            visiting.discard(name)
+            order.append(name)
+            return None
+
+        for name in jobs:
+            problem = visit(name)
+            if problem:
+                return _fail(404 if "not found" in problem else 400, problem)
+        # A nested transaction: if any job is refused, none is written.
+        child = self.store.data.env.begin(write=True, parent=view.txn)
+        inner = StateView(self.store.data, child)
+        report, new_events = [], []
+        for name in order:
+            result = self._set_job(
+                inner, {"job": jobs[name], "restore": True}, new_events
+            )
+            if not result.ok:
+                child.abort()
+                return _fail(result.code, f"{name}: {result.error}")
+            created = result.code == 201
+            report.append({"name": name, "result": "created" if created else "updated"})
+        child.commit()
+        events.extend(new_events)
+        return ApplyResult(value=report)
+
+    def _parent_problem(self, view: StateView, job: Job) -> ApplyResult | None:
+        parent = view.get_job(job.parent_job)
+        if parent is None:
+            return _fail(404, f"parent_job: parent job {job.parent_job!r} not found")
+        seen: set[str] = set()
+        cursor: Job | None = parent
+        while cursor is not None and cursor.name not in seen:
+            if cursor.name == job.name:
+                return _fail(
+                    400,
+                    f"parent_job: making {job.parent_job!r} the parent of "
+                    f"{job.name!r} would create a cycle",
+                )
+            seen.add(cursor.name)
+            cursor = view.get_job(cursor.parent_job) if cursor.parent_job else None
+        return None
+
+    def _unlink_child(self, view: StateView, parent_name: str, child: str) -> None:
+        parent = view.get_job(parent_name)
+        if parent is not None and child in parent.dependent_jobs:
+            parent.dependent_jobs.remove(child)
+            view.put_job(parent)
+
+    def _delete_job(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        name = cmd["name"]
+        job = view.get_job(name)
+        if job is None:
+            return _fail(404, f"job {name!r} not found")
+        if job.dependent_jobs:
+            return _fail(
+                409,
+                f"job {name!r} has dependent jobs {job.dependent_jobs}: "
+                "delete the children first",
+            )
+        if job.parent_job:
+            self._unlink_child(view, job.parent_job, name)
+        for key in list(view.iter_execution_keys(name)):
+            view.delete_execution(key)
+        view.delete_job_row(name)
+        events.append(Event("job_deleted", name, previous=job))
+        return ApplyResult(value=job)
+
+    def _set_disabled(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        name = cmd["name"]
+        job = view.get_job(name)
+        if job is None:
+            return _fail(404, f"job {name!r} not found")
+        previous = job.copy()
+        job.disabled = bool(cmd["disabled"])
+        view.put_job(job)
+        events.append(Event("job_set", name, previous=previous))
+        return ApplyResult(value=job)
+
+    # -- executions
+    def _execution_started(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        execution = Execution.from_json(cmd["execution"])
+        if view.get_job(execution.job_name) is None:
+            return _fail(404, f"job {execution.job_name!r} not found")
+        if cmd.get("forbid"):
+            running = view.running_executions(execution.job_name)
+            if running:
+                return ApplyResult(
+                    code=409,
+                    error=f"job {execution.job_name!r} forbids concurrent runs and "
+                    f"execution {running[0].id} is running",
+                    value=running[0],
+                )
+        runtime = view.runtime(execution.job_name)
+        fire = parse_time(cmd.get("fire"), "fire")
+        if fire is not None:
+            last = parse_time(runtime.get("last_fire"), "last_fire")
+            if last is not None and fire <= last:
+                # This instant was already run: a replayed or doubled fire.
+                return _fail(409, f"fire {format_time(fire)} already ran")
+            runtime["last_fire"] = format_time(fire)
+        runtime["count"] = runtime.get("count", 0) + 1
+        view.put_execution(execution)
+        self._trim(view, execution.job_name, runtime)
+        view.put_runtime(execution.job_name, runtime)
+        events.append(
+            Event("execution_started", execution.job_name, execution=execution)
+        )
+        return ApplyResult(value=execution)
+
+    def _execution_done(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        execution = Execution.from_json(cmd["execution"])
+        job = view.get_job(execution.job_name)
+        if job is None:
+            return _fail(404, f"job {execution.job_name!r} not found")
+        if execution.finished_at is None:
+            return _fail(400, "execution_done without finished_at")
+        stored = view.get_execution(execution.job_name, execution.id)
+        if stored is not None and not stored.running:
+            # Reported twice (a retry after a lost ack): count it once.
+            return ApplyResult(value=stored, code=208)
+        runtime = view.runtime(job.name)
+        if stored is None:
+            runtime["count"] = runtime.get("count", 0) + 1
+        encoded = execution.output.encode()
+        if len(encoded) > self.max_output:
+            execution.output = encoded[-self.max_output :].decode(errors="ignore")
+        view.put_execution(execution)
+        self._count(job, runtime, execution)
+        self._trim(view, job.name, runtime)
+        deleted = False
+        if job.ephemeral and execution.success and not job.dependent_jobs:
+            # Dkron: an ephemeral job is deleted after its first success.
+            if job.parent_job:
+                self._unlink_child(view, job.parent_job, job.name)
+            for key in list(view.iter_execution_keys(job.name)):
+                view.delete_execution(key)
+            view.delete_job_row(job.name)
+            deleted = True
+        else:
+            view.put_job(job)
+            view.put_runtime(job.name, runtime)
+        events.append(
+            Event(
+                "execution_done",
+                job.name,
+                execution=execution,
+                extra={"group_status": job.status},
+            )
+        )
+        if deleted:
+            events.append(Event("job_deleted", job.name, previous=job))
+        return ApplyResult(value=execution)
+
+    def _count(self, job: Job, runtime: dict[str, Any], execution: Execution) -> None:
+        assert execution.finished_at is not None
+        if execution.success:
+            job.success_count += 1
+            job.last_success = _later(job.last_success, execution.finished_at)
+        else:
+            job.error_count += 1
+            job.last_error = _later(job.last_error, execution.finished_at)
+        # Dkron's status is the tally of the newest execution group.
+        group = runtime.get("group")
+        if group is None or execution.group > group:
+            runtime.update(group=execution.group, ok=0, fail=0)
+        elif execution.group < group:
+            return
+        runtime["ok" if execution.success else "fail"] += 1
+        if runtime["fail"] == 0:
+            job.status = STATUS_SUCCESS
+        elif runtime["ok"] == 0:
+            job.status = STATUS_FAILED
+        else:
+            job.status = STATUS_PARTIALLY_FAILED
+
+    def _trim(self, view: StateView, job: str, runtime: dict[str, Any]) -> None:
+        excess = runtime.get("count", 0) - self.max_executions
+        if excess <= 0:
+            return
+        running = set(view.running_keys(job))
+        for key in list(view.iter_execution_keys(job)):
+            if excess <= 0:
+                break
+            if key in running:
+                continue
+            view.delete_execution(key)
+            excess -= 1
+            runtime["count"] -= 1
+
+    def _delete_executions(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        name = cmd["name"]
+        job = view.get_job(name)
+        if job is None:
+            return _fail(404, f"job {name!r} not found")
+        running = set(view.running_keys(name))
+        removed = 0
+        for key in list(view.iter_execution_keys(name)):
+            if key not in running:
+                view.delete_execution(key)
+                removed += 1
+        runtime = view.runtime(name)
+        runtime["count"] = len(running)
+        view.put_runtime(name, runtime)
+        log.debug("deleted executions job=%s count=%d", name, removed)
+        return ApplyResult(value=job)
+
+
+def _copy_runtime(source: Job, target: Job) -> None:
+    target.status = source.status
+    target.success_count = source.success_count
+    target.error_count = source.error_count
+    target.last_success = source.last_success
+    target.last_error = source.last_error
+
+
+def _later(a: datetime | None, b: datetime) -> datetime:
+    return b if a is None or to_ns(b) > to_ns(a) else a

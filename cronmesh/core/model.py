@@ -1,0 +1,348 @@
+"""Jobs and executions, in Dkron's JSON shape.
+
+A `Job` is what users write; `from_json` turns a decoded JSON object into one,
+checking every field's type and value and naming the field in the error. The
+checks that need the stored state (the parent exists, no cycle) live in the
+state machine, which runs them again at apply time so that a replicated log
+can never hold a half-valid change.
+
+An `Execution` is one run of a job on one node. Its id is Dkron's:
+`<started_at in ns since the epoch>-<node name>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cronmesh.errors import ValidationError
+
+__all__ = [
+    "CONCURRENCY_ALLOW",
+    "CONCURRENCY_FORBID",
+    "MAX_NAME_LENGTH",
+    "STATUS_FAILED",
+    "STATUS_PARTIALLY_FAILED",
+    "STATUS_RUNNING",
+    "STATUS_SUCCESS",
+    "Execution",
+    "Job",
+    "format_time",
+    "parse_time",
+    "validate_name",
+]
+
+CONCURRENCY_ALLOW = "allow"
+CONCURRENCY_FORBID = "forbid"
+
+STATUS_SUCCESS = "success"
+STATUS_FAILED = "failed"
+STATUS_PARTIALLY_FAILED = "partially_failed"
+STATUS_RUNNING = "running"
+
+# LMDB keys are at most 511 bytes; a name is part of every execution key.
+MAX_NAME_LENGTH = 200
+
+
+def format_time(value: datetime | None) -> str | None:
+    """Render an aware datetime as RFC 3339 (UTC with `Z` when in UTC)."""
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def parse_time(value: Any, name: str) -> datetime | None:
+    """Parse an RFC 3339 string (or null) from field `name`."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(f"{name}: expected an RFC 3339 time string", name)
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValidationError(
+            f"{name}: {value!r} is not an RFC 3339 time", name
+        ) from exc
+    if parsed.tzinfo is None:
+        raise ValidationError(f"{name}: {value!r} has no UTC offset", name)
+    # Go's zero time is how Dkron clients say "unset".
+    if parsed.year == 1:
+        return None
+    return parsed
+
+
+def validate_name(name: Any, field_name: str = "name") -> str:
+    """Check a job name with Dkron's rule: lowercase letters, digits, `_`, `-`."""
+    if not isinstance(name, str):
+        raise ValidationError(f"{field_name}: expected a string", field_name)
+    if name == "":
+        raise ValidationError(f"{field_name}: cannot be empty", field_name)
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValidationError(
+            f"{field_name}: longer than {MAX_NAME_LENGTH} characters", field_name
+        )
+    for char in name:
+        if char in "0123456789_-" or unicodedata.category(char) == "Ll":
+            continue
+        raise ValidationError(
+            f"{field_name}: contains illegal character {char!r} (allowed: "
+            "lowercase letters, digits, '_' and '-')",
+            field_name,
+        )
+    return name
+
+
+def _string(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValidationError(f"{key}: expected a string", key)
+    return value
+
+
+def _bool(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValidationError(f"{key}: expected true or false", key)
+    return value
+
+
+def _uint(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(f"{key}: expected a whole number >= 0", key)
+    return value
+
+
+def _string_map(value: Any, key: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError(f"{key}: expected an object of strings", key)
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise ValidationError(
+                f"{key}.{k}: expected a string, got {type(v).__name__} "
+                f'(write it as "{json_hint(v)}")',
+                f"{key}.{k}",
+            )
+    return dict(value)
+
+
+def json_hint(value: Any) -> str:
+    """How a non-string value would look written as a string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _processors(value: Any) -> dict[str, dict[str, str]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("processors: expected an object", "processors")
+    return {
+        str(name): _string_map(config, f"processors.{name}")
+        for name, config in value.items()
+    }
+
+
+@dataclass
+class Job:
+    """A job as Dkron defines it; the runtime fields are kept by the store."""
+
+    name: str
+    schedule: str = ""
+    displayname: str = ""
+    timezone: str = ""
+    owner: str = ""
+    owner_email: str = ""
+    disabled: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    parent_job: str = ""
+    dependent_jobs: list[str] = field(default_factory=list)
+    concurrency: str = CONCURRENCY_ALLOW
+    executor: str = ""
+    executor_config: dict[str, str] = field(default_factory=dict)
+    processors: dict[str, dict[str, str]] = field(default_factory=dict)
+    ephemeral: bool = False
+    starts_at: datetime | None = None
+    expires_at: datetime | None = None
+    # Runtime fields: written by the state machine only.
+    status: str = ""
+    success_count: int = 0
+    error_count: int = 0
+    last_success: datetime | None = None
+    last_error: datetime | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, *, keep_runtime: bool = False) -> Job:
+        """Build a job from decoded JSON, checking each field's type.
+
+        Runtime fields (counters, status, dependent_jobs) are ignored unless
+        `keep_runtime` is set, as when restoring a backup.
+
+        Raises:
+            ValidationError: a field has the wrong type or value; the message
+                and `.field` name it.
+        """
+        if not isinstance(data, dict):
+            raise ValidationError("job: expected a JSON object")
+        concurrency = _string(data, "concurrency") or CONCURRENCY_ALLOW
+        if concurrency not in (CONCURRENCY_ALLOW, CONCURRENCY_FORBID):
+            raise ValidationError(
+                f"concurrency: {concurrency!r} is not 'allow' or 'forbid'",
+                "concurrency",
+            )
+        job = cls(
+            name=validate_name(data.get("name")),
+            schedule=_string(data, "schedule").strip(),
+            displayname=_string(data, "displayname"),
+            timezone=_string(data, "timezone"),
+            owner=_string(data, "owner"),
+            owner_email=_string(data, "owner_email"),
+            disabled=_bool(data, "disabled"),
+            tags=_string_map(data.get("tags"), "tags"),
+            metadata=_string_map(data.get("metadata"), "metadata"),
+            retries=_uint(data, "retries"),
+            parent_job=_string(data, "parent_job"),
+            concurrency=concurrency,
+            executor=_string(data, "executor"),
+            executor_config=_string_map(data.get("executor_config"), "executor_config"),
+            processors=_processors(data.get("processors")),
+            ephemeral=_bool(data, "ephemeral"),
+            starts_at=parse_time(data.get("starts_at"), "starts_at"),
+            expires_at=parse_time(data.get("expires_at"), "expires_at"),
+        )
+        if job.parent_job:
+            validate_name(job.parent_job, "parent_job")
+            if job.parent_job == job.name:
+                raise ValidationError(
+                    "parent_job: a job cannot be its own parent", "parent_job"
+                )
+        if keep_runtime:
+            job.status = _string(data, "status")
+            job.success_count = _uint(data, "success_count")
+            job.error_count = _uint(data, "error_count")
+            job.last_success = parse_time(data.get("last_success"), "last_success")
+            job.last_error = parse_time(data.get("last_error"), "last_error")
+            deps = data.get("dependent_jobs") or []
+            if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+                raise ValidationError(
+                    "dependent_jobs: expected a list of job names", "dependent_jobs"
+                )
+            job.dependent_jobs = list(deps)
+        return job
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as Dkron's API shows it (without `next`, which is live)."""
+        data: dict[str, Any] = {"id": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, datetime):
+                value = format_time(value)
+            elif isinstance(value, dict):
+                value = {
+                    k: dict(v) if isinstance(v, dict) else v for k, v in value.items()
+                }
+            elif isinstance(value, list):
+                value = list(value)
+            data[f.name] = value
+        return data
+
+    def copy(self) -> Job:
+        return Job.from_json(self.to_json(), keep_runtime=True)
+
+
+@dataclass
+class Execution:
+    """One run of a job on one node (Dkron's execution fields plus ours)."""
+
+    job_name: str
+    started_at: datetime
+    node_name: str
+    group: int
+    attempt: int = 1
+    finished_at: datetime | None = None
+    success: bool = False
+    output: str = ""
+    # Ours: the fire instant this run belongs to (None for manual runs),
+    # and what started it ("schedule", "manual", "retry", "dependent").
+    scheduled_at: datetime | None = None
+    trigger: str = "schedule"
+
+    @property
+    def id(self) -> str:
+        return execution_id(self.started_at, self.node_name)
+
+    @property
+    def running(self) -> bool:
+        return self.finished_at is None
+
+    @property
+    def status(self) -> str:
+        if self.finished_at is None:
+            return STATUS_RUNNING
+        return STATUS_SUCCESS if self.success else STATUS_FAILED
+
+    def to_json(self, *, with_output: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "job_name": self.job_name,
+            "started_at": format_time(self.started_at),
+            "finished_at": format_time(self.finished_at),
+            "success": self.success,
+            "node_name": self.node_name,
+            "group": self.group,
+            "attempt": self.attempt,
+            "status": self.status,
+            "scheduled_at": format_time(self.scheduled_at),
+            "trigger": self.trigger,
+        }
+        if with_output:
+            data["output"] = self.output
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Execution:
+        started = parse_time(data["started_at"], "started_at")
+        if started is None:
+            raise ValidationError("started_at: required", "started_at")
+        return cls(
+            job_name=data["job_name"],
+            started_at=started,
+            node_name=data["node_name"],
+            group=int(data["group"]),
+            attempt=int(data.get("attempt", 1)),
+            finished_at=parse_time(data.get("finished_at"), "finished_at"),
+            success=bool(data.get("success", False)),
+            output=data.get("output", ""),
+            scheduled_at=parse_time(data.get("scheduled_at"), "scheduled_at"),
+            trigger=data.get("trigger", "schedule"),
+        )
+
+
+def to_ns(value: datetime) -> int:
+    """Nanoseconds since the epoch of an aware datetime (µs precision)."""
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + (
+        delta.microseconds * 1000
+    )
+
+
+def execution_id(started_at: datetime, node_name: str) -> str:
+    return f"{to_ns(started_at)}-{node_name}"

@@ -1,0 +1,243 @@
+"""The scheduler: one task that sleeps until the next job is due.
+
+Each scheduled job has one entry: its parsed schedule and its next fire
+instant. A heap orders the entries by that instant; the task sleeps until
+the head is due (or a job changes), fires every due job through the
+dispatcher, and computes each one's next instant. A job change bumps the
+entry's generation, so stale heap items are dropped when popped instead of
+searched for.
+
+Time. Fire instants are wall-clock instants (cron is about the wall clock),
+but the task sleeps at most `MAX_SLEEP` seconds at a time and compares how
+far the wall clock and the monotonic clock moved. A difference of more than
+`JUMP_THRESHOLD` seconds is a clock jump: every entry is recomputed from its
+last committed fire. The state machine refuses a fire instant that is not
+later than the last one committed, so a clock moved backwards can never run
+one instant twice.
+
+Missed fires. When the next instant is already past (the agent was down,
+the clock jumped forward, the loop was late), the latest missed instant
+within `catch_up` seconds runs once, late; older ones are skipped and
+counted in `missed`. No burst of catch-up runs, and no job left stranded
+however long the outage (compare Kubernetes' "too many missed start times").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cronmesh.core.dispatcher import Dispatcher
+from cronmesh.core.fsm import Event
+from cronmesh.core.model import Job
+from cronmesh.core.schedule import Schedule, parse_schedule
+from cronmesh.errors import CronmeshError
+from cronmesh.storage.state import StateStore
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger("cronmesh.scheduler")
+
+MAX_SLEEP = 5.0
+JUMP_THRESHOLD = 2.0
+DEFAULT_CATCH_UP = 60.0
+# A job's schedule is walked at most this many steps to find the latest
+# missed instant; a schedule firing more often than that inside the catch-up
+# window just runs its latest instant found so far.
+MAX_CATCH_UP_STEPS = 10_000
+
+
+@dataclass
+class _Entry:
+    schedule: Schedule
+    next_fire: datetime | None
+    generation: int
+    one_shot: bool
+
+
+def is_one_shot(expr: str) -> bool:
+    """`@at` and `@after` run once in the life of a job."""
+    words = expr.split()
+    while words and words[0].startswith(("TZ=", "CRON_TZ=")):
+        words = words[1:]
+    return bool(words) and words[0] in ("@at", "@after")
+
+
+class Scheduler:
+    """Fires jobs at their instants while this node leads."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        dispatcher: Dispatcher,
+        *,
+        catch_up: float = DEFAULT_CATCH_UP,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.catch_up = catch_up
+        self.wall = wall
+        self.mono = mono
+        self.entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, int, str, int]] = []
+        self._seq = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._fires: set[asyncio.Task[object]] = set()
+        self.missed = 0
+        self.fired = 0
+
+    # -- life cycle
+    def start(self) -> None:
+        """Load every job and start the timing task."""
+        for job in self.store.list_jobs():
+            self._load(job)
+        self._task = asyncio.create_task(self._loop(), name="scheduler")
+        log.info("scheduler started jobs=%d", len(self.entries))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.entries.clear()
+        self._heap.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    # -- reacting to the state machine
+    def on_event(self, event: Event) -> None:
+        if self._task is None:
+            return
+        if event.kind == "job_set":
+            job = self.store.get_job(event.job)
+            if job is not None:
+                self._load(job, changed=True)
+        elif event.kind == "job_deleted":
+            self.entries.pop(event.job, None)
+        else:
+            return
+        self._wake.set()
+
+    def next_fire(self, name: str) -> datetime | None:
+        entry = self.entries.get(name)
+        return None if entry is None else entry.next_fire
+
+    # -- entries
+    def _load(self, job: Job, *, changed: bool = False) -> None:
+        old = self.entries.pop(job.name, None)
+        if not job.schedule:
+            return
+        try:
+            schedule = parse_schedule(job.schedule, job.timezone, job.name)
+        except CronmeshError as exc:
+            log.warning("unschedulable job job=%s error=%s", job.name, exc)
+            return
+        last = self.store.last_fire(job.name)
+        one_shot = is_one_shot(job.schedule)
+        if one_shot and last is not None:
+            return
+        generation = old.generation + 1 if old else 0
+        entry = _Entry(schedule, None, generation, one_shot)
+        self.entries[job.name] = entry
+        # An unchanged job continues from its last committed fire (catching
+        # up at most once); a new or edited one starts from now.
+        self._plan(job.name, entry, None if changed else last)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.wall(), UTC)
+
+    def _plan(self, name: str, entry: _Entry, after: datetime | None) -> None:
+        """Set `entry.next_fire` to the first instant after `after` (or now)."""
+        now = self._now()
+        nxt = entry.schedule.next_after(after or now)
+        if nxt is not None and nxt < now:
+            nxt = self._catch_up(entry.schedule, nxt, now)
+        entry.next_fire = nxt
+        if nxt is not None:
+            self._seq += 1
+            item = (nxt.timestamp(), self._seq, name, entry.generation)
+            heapq.heappush(self._heap, item)
+
+    def _catch_up(
+        self, schedule: Schedule, first: datetime, now: datetime
+    ) -> datetime | None:
+        """The instant to fire when `first` is already past: the latest missed
+        one within the catch-up window, else the next one to come."""
+        window_start = now - timedelta(seconds=self.catch_up)
+        latest: datetime | None = first
+        if first < window_start:
+            self.missed += 1
+            latest = schedule.next_after(window_start)
+            if latest is None or latest > now:
+                return latest
+        assert latest is not None
+        for _ in range(MAX_CATCH_UP_STEPS):
+            step = schedule.next_after(latest)
+            if step is None or step > now:
+                break
+            self.missed += 1
+            latest = step
+        return latest
+
+    # -- the task
+    async def _loop(self) -> None:
+        wall0, mono0 = self.wall(), self.mono()
+        while True:
+            delay = MAX_SLEEP
+            if self._heap:
+                delay = min(MAX_SLEEP, max(0.0, self._heap[0][0] - self.wall()))
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+            wall1, mono1 = self.wall(), self.mono()
+            if abs((wall1 - wall0) - (mono1 - mono0)) > JUMP_THRESHOLD:
+                self._clock_jumped(wall1 - wall0 - (mono1 - mono0))
+            wall0, mono0 = wall1, mono1
+            self._fire_due(wall1)
+
+    def _clock_jumped(self, by: float) -> None:
+        log.info("clock jump detected seconds=%.1f: recomputing schedules", by)
+        jobs = {job.name: job for job in self.store.list_jobs()}
+        self.entries.clear()
+        self._heap.clear()
+        for job in jobs.values():
+            self._load(job)
+
+    def _fire_due(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            _, _, name, generation = heapq.heappop(self._heap)
+            entry = self.entries.get(name)
+            if (
+                entry is None
+                or entry.generation != generation
+                or entry.next_fire is None
+            ):
+                continue
+            instant = entry.next_fire
+            self.fired += 1
+            task = asyncio.create_task(self._fire(name, instant))
+            self._fires.add(task)
+            task.add_done_callback(self._fires.discard)
+            if entry.one_shot:
+                entry.next_fire = None
+                continue
+            self._plan(name, entry, instant)
+
+    async def _fire(self, name: str, instant: datetime) -> None:
+        try:
+            await self.dispatcher.fire(name, fire_at=instant, trigger="schedule")
+        except CronmeshError as exc:
+            log.warning("fire failed job=%s error=%s", name, exc)
