@@ -798,6 +798,119 @@ def test_property_increasing_and_matching(
         previous = fire
 
 
+# (zone, UTC instant of a clock change): forward and back, 60 and 30 minutes.
+TRANSITIONS = [
+    ("Europe/Berlin", datetime(2023, 3, 26, 1, 0, tzinfo=UTC)),
+    ("Europe/Berlin", datetime(2023, 10, 29, 1, 0, tzinfo=UTC)),
+    ("America/Los_Angeles", datetime(2025, 3, 9, 10, 0, tzinfo=UTC)),
+    ("America/Los_Angeles", datetime(2025, 11, 2, 9, 0, tzinfo=UTC)),
+    ("Australia/Sydney", datetime(2019, 10, 5, 16, 0, tzinfo=UTC)),
+    ("Australia/Sydney", datetime(2019, 4, 6, 16, 0, tzinfo=UTC)),
+    ("Australia/Lord_Howe", datetime(2024, 10, 5, 15, 30, tzinfo=UTC)),
+    ("Australia/Lord_Howe", datetime(2024, 4, 6, 15, 0, tzinfo=UTC)),
+    ("America/Sao_Paulo", datetime(2018, 11, 4, 3, 0, tzinfo=UTC)),
+    ("America/Sao_Paulo", datetime(2019, 2, 17, 2, 0, tzinfo=UTC)),
+]
+
+
+def oracle_fires(
+    fields: list[tuple[str, set[int], bool]],
+    zone: ZoneInfo,
+    start: datetime,
+    end: datetime,
+) -> list[datetime]:
+    """The DST rule restated minute by minute on the time line (seconds = 0).
+
+    Each instant fires when its wall time matches, except a fixed job's
+    second copy of a repeated wall time; at a forward jump a fixed job also
+    fires when any skipped wall time matches.
+    """
+    fixed = not any(star for _, _, star in fields[:3])
+    found = []
+    moment = start.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    while moment <= end:
+        local = moment.astimezone(zone)
+        wall = local.replace(tzinfo=None, fold=0)
+        repeated = local.fold == 1 and local.replace(fold=0).utcoffset() != (
+            local.utcoffset()
+        )
+        fire = wall_matches(fields, wall) and not (fixed and repeated)
+        jump = gap_start(local)
+        if fixed and jump is not None and not fire:
+            minutes = int(jump.total_seconds()) // 60
+            skipped = (wall - jump + timedelta(minutes=m) for m in range(minutes))
+            fire = any(wall_matches(fields, wall_time) for wall_time in skipped)
+        if fire and moment > start:
+            found.append(moment)
+        moment += timedelta(minutes=1)
+    return found
+
+
+def listed(text: str, values: range | list[int]) -> tuple[str, set[int], bool]:
+    return text, set(values), text.startswith("*")
+
+
+# Minute and hour fields around local 00:00-03:00, where clocks change.
+NEAR_MINUTES = [
+    listed("0", [0]),
+    listed("30", [30]),
+    listed("59", [59]),
+    listed("0,30", [0, 30]),
+    listed("15-45/15", [15, 30, 45]),
+    listed("*/20", range(0, 60, 20)),
+    listed("*", range(60)),
+]
+NEAR_HOURS = [
+    listed("0", [0]),
+    listed("1", [1]),
+    listed("2", [2]),
+    listed("3", [3]),
+    listed("1-3", [1, 2, 3]),
+    listed("2-23/4", range(2, 24, 4)),
+    listed("*/2", range(0, 24, 2)),
+    listed("*", range(24)),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    minute=st.sampled_from(NEAR_MINUTES),
+    hour=st.sampled_from(NEAR_HOURS),
+    transition=st.sampled_from(TRANSITIONS),
+    lead=st.integers(-4 * 3600, 3 * 3600),
+)
+def test_property_dst_matches_a_time_line_oracle(
+    minute: tuple[str, set[int], bool],
+    hour: tuple[str, set[int], bool],
+    transition: tuple[str, datetime],
+    lead: int,
+) -> None:
+    # Seconds fixed at 0 and every day allowed, so the transition day counts.
+    fields = [
+        listed("0", [0]),
+        minute,
+        hour,
+        listed("*", range(1, 32)),
+        listed("*", range(1, 13)),
+        listed("*", range(7)),
+    ]
+    text = " ".join(field_text for field_text, _, _ in fields)
+    zone_name, instant = transition
+    schedule = parse_or_reject(text, zone_name)
+    start = instant + timedelta(seconds=lead)
+    end = instant + timedelta(hours=5)
+    expected = oracle_fires(fields, ZoneInfo(zone_name), start, end)
+    got = []
+    cursor: datetime | None = start
+    while cursor is not None:
+        cursor = schedule.next_after(cursor)
+        if cursor is None or cursor > end:
+            break
+        got.append(cursor)
+    assert [g.timestamp() for g in got] == [e.timestamp() for e in expected]
+    assert all(g.tzinfo == ZoneInfo(zone_name) for g in got)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     expr=cron_expr(),
