@@ -476,6 +476,12 @@ def test_tz_prefix_overrides_the_job_zone(prefix: str) -> None:
     assert got == ["2024-01-02T09:00:00+09:00"]
 
 
+def test_tz_prefix_is_kept_in_expr_and_sets_the_zone() -> None:
+    schedule = parse_schedule("  CRON_TZ=Asia/Tokyo @daily ", "UTC")
+    assert schedule.expr == "CRON_TZ=Asia/Tokyo @daily"
+    assert schedule.zone == ZoneInfo("Asia/Tokyo")
+
+
 def test_tz_prefix_with_an_unknown_zone() -> None:
     with pytest.raises(ScheduleError, match="unknown time zone 'Mars/Base'"):
         parse_schedule("TZ=Mars/Base 0 0 9 * * *", "UTC")

@@ -71,7 +71,11 @@ __all__ = [
 
 @runtime_checkable
 class Schedule(Protocol):
-    """A parsed schedule; immutable and safe to share between threads."""
+    """A parsed schedule; immutable and safe to share between threads.
+
+    ``expr`` is the expression as given (stripped). One-shot schedules
+    (``@at``, ``@after``) also carry ``once = True``.
+    """
 
     expr: str
     zone: ZoneInfo  # renders results; after a TZ= prefix, the prefix's zone
@@ -601,7 +605,7 @@ class _CronSchedule:
         start = after.replace(microsecond=0) + _ONE_SECOND
         year, month, day = start.year, start.month, start.day
         clock = (start.hour, start.minute, start.second)
-        while year <= start.year + _SEARCH_YEARS:
+        while year <= min(start.year + _SEARCH_YEARS, 9998):
             if month in self.fields.months:
                 found = self._first_in_month(year, month, day, clock)
                 if found is not None:
@@ -816,26 +820,29 @@ def parse_schedule(expr: str, timezone: str = "", job_name: str = "") -> Schedul
             raise ScheduleError("schedule: empty TZ= prefix", field="schedule")
     if not text:
         raise ScheduleError("schedule is empty", field="schedule")
-    return _parse_cached(text, load_zone(timezone), job_name if "~" in text else "")
+    name = job_name if "~" in text else ""
+    return _parse_cached(expr.strip(), text, load_zone(timezone), name)
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_cached(text: str, zone: ZoneInfo, job_name: str) -> Schedule:
+def _parse_cached(original: str, text: str, zone: ZoneInfo, job_name: str) -> Schedule:
     # Parsing is pure, so the 2,000 jobs of a busy scheduler re-parse for free.
     if not text.startswith("@"):
-        return _CronSchedule(text, zone, _parse_cron_fields(text, job_name))
+        return _CronSchedule(original, zone, _parse_cron_fields(text, job_name))
     keyword, _, rest = text.partition(" ")
     keyword, rest = keyword.lower(), rest.strip()
     if keyword in _DESCRIPTORS and not rest:
-        return _CronSchedule(text, zone, _parse_cron_fields(_DESCRIPTORS[keyword], ""))
+        return _CronSchedule(
+            original, zone, _parse_cron_fields(_DESCRIPTORS[keyword], "")
+        )
     if keyword == "@manually" and not rest:
-        return _ManualSchedule(text, zone)
+        return _ManualSchedule(original, zone)
     if keyword == "@every":
-        return _parse_every(text, zone, rest)
+        return _parse_every(original, zone, rest)
     if keyword == "@at":
-        return _AtSchedule(text, zone, _parse_rfc3339(rest, "@at"))
+        return _AtSchedule(original, zone, _parse_rfc3339(rest, "@at"))
     if keyword == "@after":
-        return _parse_after(text, zone, rest)
+        return _parse_after(original, zone, rest)
     raise ScheduleError(f"schedule: unknown descriptor '{text}'", field="schedule")
 
 
