@@ -1,0 +1,633 @@
+"""A deterministic simulator for the Raft core: many servers, one fake world.
+
+Theory of operation
+-------------------
+``Cluster`` wires RaftNodes together the way a driver would (persist the
+Ready, then send, then apply, then advance) but through a fake network that
+can lose, delay, reorder and duplicate messages and cut links, and with a fake
+clock (``tick``).  A crash throws a RaftNode away and keeps only its in-memory
+stores (its "disk"); a crash may even hit between ``ready()`` and persisting,
+so unpersisted Ready content is lost.  Every random choice comes from one
+``random.Random(seed)``, so a seed replays exactly.
+
+``Checker`` watches every Ready and raises ``SafetyViolation`` as soon as one
+of the safety properties of Raft (thesis §3.6.3, figure 3.2) breaks:
+
+* election safety: at most one leader per term;
+* log matching: an (index, term) pair names one entry, whose predecessor has
+  one term, everywhere (checked when entries are persisted);
+* leader completeness: an entry committed in term T is in the log of every
+  leader of a term > T;
+* state machine safety: no two servers apply different entries at one index
+  (a hash chain over applied entries, also compared for snapshots);
+* linearizable reads: a read is confirmed at an index covering every write
+  acknowledged before it was asked.
+
+``run_seed`` drives a random workload (proposals, reads, membership changes,
+transfers, compaction) under random faults, then heals everything and checks
+that every acknowledged proposal is applied on every member.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cronmesh.errors import InvariantViolation
+from cronmesh.raft.errors import RaftError
+from cronmesh.raft.messages import Message, decode, encode
+from cronmesh.raft.node import RaftConfig, RaftNode
+from cronmesh.raft.ready import Ready, Role
+from cronmesh.raft.storage import (
+    MemoryLogStore,
+    MemoryStableStore,
+    bootstrap,
+    persist_ready,
+)
+from cronmesh.raft.types import ConfChange, ConfChangeOp, Entry, EntryKind, Snapshot
+
+__all__ = [
+    "Checker",
+    "Cluster",
+    "NetConfig",
+    "SafetyViolation",
+    "SimFailure",
+    "SimResult",
+    "StateMachine",
+    "run_seed",
+]
+
+
+class SafetyViolation(InvariantViolation):
+    """A Raft safety property broke in a simulated run."""
+
+
+class SimFailure(AssertionError):
+    """A run ended without the expected outcome (liveness, lost write)."""
+
+
+# ----------------------------------------------------------------------
+# Application state machine
+# ----------------------------------------------------------------------
+
+
+@dataclass
+class StateMachine:
+    """A toy application: the set of applied commands plus a hash chain."""
+
+    index: int = 0  # last applied log index
+    digest: str = ""  # hash chain over every applied entry, hex
+    items: set[str] = field(default_factory=set)
+
+    def apply(self, entry: Entry) -> None:
+        if entry.index != self.index + 1:
+            raise SafetyViolation(f"apply gap: index {entry.index} after {self.index}")
+        chain = f"{self.digest}|{entry.index}|{entry.term}|{entry.kind}|"
+        self.digest = hashlib.blake2b(
+            chain.encode() + entry.data, digest_size=12
+        ).hexdigest()
+        self.index = entry.index
+        if entry.kind is EntryKind.NORMAL:
+            self.items.add(entry.data.decode())
+
+    def snapshot(self) -> bytes:
+        doc = {"index": self.index, "digest": self.digest, "items": sorted(self.items)}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def restore(cls, data: bytes) -> StateMachine:
+        doc = json.loads(data)
+        return cls(doc["index"], doc["digest"], set(doc["items"]))
+
+
+# ----------------------------------------------------------------------
+# Safety checker
+# ----------------------------------------------------------------------
+
+
+@dataclass
+class Checker:
+    """Global bookkeeping across servers; raises SafetyViolation on a break."""
+
+    leaders: dict[int, str] = field(default_factory=dict)
+    entries: dict[tuple[int, int], tuple[int, bytes, int | None]] = field(
+        default_factory=dict
+    )
+    applied: dict[int, str] = field(default_factory=dict)  # index -> digest
+    committed: dict[int, tuple[int, int]] = field(default_factory=dict)
+    acked: dict[str, int] = field(default_factory=dict)  # payload -> index
+
+    def on_leader(self, core: RaftNode) -> None:
+        """``core`` just reported itself leader of ``core.term``."""
+        other = self.leaders.setdefault(core.term, core.id)
+        if other != core.id:
+            raise SafetyViolation(
+                f"two leaders in term {core.term}: {other} and {core.id}"
+            )
+        for index, (entry_term, commit_term) in self.committed.items():
+            if commit_term >= core.term or index <= core.log.snap_index:
+                continue
+            if core.log.term(index) != entry_term:
+                raise SafetyViolation(
+                    f"leader {core.id} of term {core.term} lacks entry {index} "
+                    f"(term {entry_term}) committed in term {commit_term}; "
+                    f"has term {core.log.term(index)}"
+                )
+
+    def on_persist(self, core: RaftNode, entries: Iterable[Entry]) -> None:
+        """Log matching, checked on every entry a server persists."""
+        for entry in entries:
+            value = (int(entry.kind), entry.data, core.log.term(entry.index - 1))
+            seen = self.entries.setdefault((entry.index, entry.term), value)
+            if seen != value:
+                raise SafetyViolation(
+                    f"log matching: {core.id} has index {entry.index} term "
+                    f"{entry.term} as {value!r}, elsewhere {seen!r}"
+                )
+
+    def on_commit(self, core: RaftNode, old: int, new: int) -> None:
+        """A leader moved its commit index from ``old`` to ``new``."""
+        for index in range(max(old, core.log.snap_index) + 1, new + 1):
+            term = core.log.term(index)
+            assert term is not None
+            self.committed.setdefault(index, (term, core.term))
+
+    def on_applied(self, node_id: str, sm: StateMachine) -> None:
+        """State machine safety: one history per index."""
+        seen = self.applied.setdefault(sm.index, sm.digest)
+        if seen != sm.digest:
+            raise SafetyViolation(
+                f"state machine safety: {node_id} applied a different history "
+                f"at index {sm.index}"
+            )
+
+
+# ----------------------------------------------------------------------
+# Network and cluster
+# ----------------------------------------------------------------------
+
+
+@dataclass
+class NetConfig:
+    """Fault rates of the fake network (probabilities per message)."""
+
+    loss: float = 0.0
+    duplicate: float = 0.0
+    max_delay: int = 0  # ticks; a delay is uniform in [0, max_delay]
+    codec: float = 0.0  # share of messages sent through encode/decode
+
+
+@dataclass
+class SimNode:
+    """One simulated server: its disk survives crashes, its core does not."""
+
+    id: str
+    log_store: MemoryLogStore
+    stable: MemoryStableStore
+    core: RaftNode | None = None
+    sm: StateMachine = field(default_factory=StateMachine)
+    pending: dict[tuple[int, int], str] = field(default_factory=dict)
+    reads: dict[bytes, int] = field(default_factory=dict)  # ctx -> index needed
+    last_commit: int = 0
+
+
+class Cluster:
+    """N servers on a fake network with a fake clock; see the module docstring."""
+
+    def __init__(
+        self,
+        ids: list[str],
+        seed: int = 0,
+        voters: Iterable[str] | None = None,
+        net: NetConfig | None = None,
+        make_config: Callable[[str], RaftConfig] | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.net = net or NetConfig()
+        self.make_config = make_config or (lambda i: RaftConfig(node_id=i))
+        self.now = 0
+        self.checker = Checker()
+        self.nodes: dict[str, SimNode] = {}
+        self.cut: set[frozenset[str]] = set()
+        self.crash_unpersisted = 0.0  # chance a Ready is lost with a crash
+        self._queue: list[tuple[int, int, Message]] = []
+        self._counter = 0
+        founders = set(ids if voters is None else voters)
+        for node_id in ids:
+            node = SimNode(node_id, MemoryLogStore(), MemoryStableStore())
+            if node_id in founders:
+                bootstrap(node.log_store, node.stable, founders)
+            self.nodes[node_id] = node
+            self._start(node)
+
+    # -- lifecycle -----------------------------------------------------
+
+    def _start(self, node: SimNode) -> None:
+        snap = node.stable.snapshot()
+        node.sm = StateMachine.restore(snap.data) if snap else StateMachine()
+        node.pending, node.reads = {}, {}
+        rng = random.Random(self.rng.getrandbits(64))
+        node.core = RaftNode(
+            self.make_config(node.id), node.log_store, node.stable, rng
+        )
+        node.last_commit = node.core.commit
+
+    def crash(self, node_id: str) -> None:
+        """Stop a server; only what it persisted survives."""
+        self.nodes[node_id].core = None
+
+    def restart(self, node_id: str) -> None:
+        """Start a crashed server again from its stores."""
+        node = self.nodes[node_id]
+        if node.core is None:
+            self._start(node)
+
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.core is not None]
+
+    def core(self, node_id: str) -> RaftNode:
+        core = self.nodes[node_id].core
+        if core is None:
+            raise SimFailure(f"{node_id} is down")
+        return core
+
+    # -- network -------------------------------------------------------
+
+    def isolate(self, node_id: str) -> None:
+        """Cut every link of ``node_id``."""
+        for other in self.nodes:
+            if other != node_id:
+                self.cut.add(frozenset((node_id, other)))
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut every link between different groups (others keep their links)."""
+        sets = [set(g) for g in groups]
+        for i, a in enumerate(sets):
+            for b in sets[i + 1 :]:
+                self.cut.update(frozenset((x, y)) for x in a for y in b)
+
+    def heal(self) -> None:
+        """Restore every link."""
+        self.cut.clear()
+
+    def _send(self, msg: Message) -> None:
+        net, rng = self.net, self.rng
+        if net.loss and rng.random() < net.loss:
+            return
+        if net.codec and rng.random() < net.codec:
+            decoded = decode(encode(msg))
+            if decoded != msg:
+                raise SafetyViolation(f"codec round trip changed {msg!r}")
+            msg = decoded
+        copies = 2 if net.duplicate and rng.random() < net.duplicate else 1
+        for _ in range(copies):
+            delay = rng.randint(0, net.max_delay) if net.max_delay else 0
+            self._counter += 1
+            heapq.heappush(self._queue, (self.now + delay, self._counter, msg))
+
+    def deliver(self) -> None:
+        """Deliver every message due now, including replies sent meanwhile."""
+        budget = 100_000
+        while self._queue and self._queue[0][0] <= self.now:
+            budget -= 1
+            if budget == 0:
+                raise SimFailure("message storm: delivery did not settle")
+            _, _, msg = heapq.heappop(self._queue)
+            node = self.nodes.get(msg.to)
+            if node is None or node.core is None:
+                continue
+            if frozenset((msg.frm, msg.to)) in self.cut:
+                continue
+            node.core.step(msg)
+            self.process(node)
+
+    def drop_in_flight(self) -> None:
+        self._queue.clear()
+
+    # -- driving -------------------------------------------------------
+
+    def process(self, node: SimNode) -> None:
+        """Run the driver loop for ``node``: ready, persist, send, apply, advance."""
+        core = node.core
+        while core is not None and core.has_ready():
+            ready = core.ready()
+            if self.crash_unpersisted and self.rng.random() < self.crash_unpersisted:
+                self.crash(node.id)
+                return
+            self._handle_ready(node, core, ready)
+            core.advance(ready)
+
+    def _handle_ready(self, node: SimNode, core: RaftNode, ready: Ready) -> None:
+        check = self.checker
+        if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
+            check.on_leader(core)
+        check.on_persist(core, ready.entries)
+        persist_ready(ready, node.log_store, node.stable)
+        if ready.hard_state is not None:
+            if core.role is Role.LEADER and ready.hard_state.commit > node.last_commit:
+                check.on_commit(core, node.last_commit, ready.hard_state.commit)
+            node.last_commit = ready.hard_state.commit
+        for msg in ready.messages:
+            self._send(msg)
+        if ready.snapshot is not None:
+            self._install(node, ready.snapshot)
+        for entry in ready.committed_entries:
+            self._apply(node, entry)
+        for read in ready.read_states:
+            self._check_read(node, read.ctx, read.index)
+        for ctx in ready.failed_reads:
+            node.reads.pop(ctx, None)
+
+    def _install(self, node: SimNode, snap: Snapshot) -> None:
+        node.sm = StateMachine.restore(snap.data)
+        if node.sm.index != snap.meta.index:
+            raise SafetyViolation(
+                f"{node.id}: snapshot data at {node.sm.index}, meta {snap.meta.index}"
+            )
+        self.checker.on_applied(node.id, node.sm)
+
+    def _apply(self, node: SimNode, entry: Entry) -> None:
+        node.sm.apply(entry)
+        self.checker.on_applied(node.id, node.sm)
+        payload = node.pending.pop((entry.index, entry.term), None)
+        if payload is not None:
+            self.checker.acked[payload] = entry.index
+
+    def _check_read(self, node: SimNode, ctx: bytes, index: int) -> None:
+        need = node.reads.pop(ctx, None)
+        if need is None:
+            return
+        if index < need or node.sm.index < index:
+            raise SafetyViolation(
+                f"{node.id}: read confirmed at {index}, needed {need}, "
+                f"applied {node.sm.index}"
+            )
+
+    def tick(self) -> None:
+        """One unit of time: every live server ticks, then messages flow."""
+        self.now += 1
+        for node in self.live():
+            assert node.core is not None
+            node.core.tick()
+            self.process(node)
+        self.deliver()
+
+    def run(self, ticks: int) -> None:
+        for _ in range(ticks):
+            self.tick()
+
+    def run_until(self, done: Callable[[], bool], max_ticks: int) -> bool:
+        for _ in range(max_ticks):
+            if done():
+                return True
+            self.tick()
+        return done()
+
+    # -- client actions ------------------------------------------------
+
+    def leader(self) -> str | None:
+        """The live leader of the highest term, if any."""
+        best: RaftNode | None = None
+        for node in self.live():
+            core = node.core
+            assert core is not None
+            if core.role is Role.LEADER and (best is None or core.term > best.term):
+                best = core
+        return best.id if best else None
+
+    def wait_leader(self, max_ticks: int = 500) -> str:
+        if not self.run_until(lambda: self.leader() is not None, max_ticks):
+            raise SimFailure(f"no leader within {max_ticks} ticks")
+        leader = self.leader()
+        assert leader is not None
+        return leader
+
+    def act(self, node_id: str, action: Callable[[RaftNode], object]) -> object:
+        """Give one input to a live server and run its driver loop."""
+        node = self.nodes[node_id]
+        result = action(self.core(node_id))
+        self.process(node)
+        return result
+
+    def propose(self, node_id: str, payload: str) -> tuple[int, int]:
+        """Propose ``payload`` at ``node_id``; it is acked once applied there."""
+        index, term = self.act(node_id, lambda c: c.propose(payload.encode()))  # type: ignore[misc]
+        self.nodes[node_id].pending[(index, term)] = payload
+        return index, term
+
+    def read(self, node_id: str, ctx: bytes) -> None:
+        """Ask for a linearizable read; checked when it is confirmed."""
+        need = max(self.checker.acked.values(), default=0)
+        self.nodes[node_id].reads[ctx] = need
+        try:
+            self.act(node_id, lambda c: c.read_index(ctx))
+        except RaftError:
+            self.nodes[node_id].reads.pop(ctx, None)
+            raise
+
+    def compact(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        data = node.sm.snapshot()
+        self.act(node_id, lambda c: c.compact(node.sm.index, data))
+
+    def applied_everywhere(self, payload: str, ids: Iterable[str]) -> bool:
+        return all(payload in self.nodes[i].sm.items for i in ids)
+
+    def check_logs(self) -> None:
+        """Full log matching over every pair of servers' persisted logs."""
+        logs = {}
+        for node in self.nodes.values():
+            store = node.log_store
+            first, last = store.first_index(), store.last_index()
+            logs[node.id] = (
+                {e.index: e for e in store.entries(first, last + 1, 1 << 40)}
+                if last >= first
+                else {}
+            )
+        ids = sorted(logs)
+        for i, a in enumerate(ids):
+            for b in ids[i + 1 :]:
+                self._match_pair(a, logs[a], b, logs[b])
+
+    @staticmethod
+    def _match_pair(a: str, la: dict[int, Entry], b: str, lb: dict[int, Entry]) -> None:
+        common = sorted(set(la) & set(lb), reverse=True)
+        agreed = False
+        for index in common:
+            same = la[index] == lb[index]
+            agreed = agreed or la[index].term == lb[index].term
+            if agreed and not same:
+                raise SafetyViolation(f"log matching: {a} and {b} differ at {index}")
+
+
+# ----------------------------------------------------------------------
+# Random runs
+# ----------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    """Summary of one random run."""
+
+    seed: int
+    nodes: int
+    ticks: int
+    acked: int
+    leaders: int
+    final_members: list[str]
+
+
+def _fast_config(node_id: str) -> RaftConfig:
+    return RaftConfig(
+        node_id=node_id,
+        election_ticks=8,
+        heartbeat_ticks=2,
+        max_msg_entries=4,
+        max_inflight=3,
+        snapshot_chunk_bytes=96,
+    )
+
+
+class _Workload:
+    """Random faults and client actions for ``run_seed``."""
+
+    def __init__(self, cluster: Cluster, rng: random.Random) -> None:
+        self.c = cluster
+        self.rng = rng
+        self.counter = 0
+
+    def faults(self) -> None:
+        c, rng = self.c, self.rng
+        ids = sorted(c.nodes)
+        roll = rng.random()
+        if roll < 0.01:
+            c.heal()
+            c.partition(*self._split(ids))
+        elif roll < 0.05:
+            c.heal()
+        elif roll < 0.058:
+            c.crash(rng.choice(ids))
+        elif roll < 0.09:
+            c.restart(rng.choice(ids))
+
+    def _split(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        shuffled = list(ids)
+        self.rng.shuffle(shuffled)
+        k = self.rng.randint(1, len(ids) // 2)
+        return shuffled[:k], shuffled[k:]
+
+    def actions(self) -> None:
+        c, rng = self.c, self.rng
+        leader = c.leader()
+        try:
+            if leader and rng.random() < 0.35:
+                self.counter += 1
+                c.propose(leader, f"w{self.counter}")
+            if leader and rng.random() < 0.01:
+                self._conf_change(leader)
+            if leader and rng.random() < 0.004:
+                voters = sorted(c.core(leader).membership.voters)
+                c.act(leader, lambda core: core.transfer_leadership(rng.choice(voters)))
+            if rng.random() < 0.03:
+                node = rng.choice(c.live()) if c.live() else None
+                if node is not None:
+                    self.counter += 1
+                    c.read(node.id, f"r{self.counter}".encode())
+            for node in c.live():
+                core = node.core
+                assert core is not None
+                if node.sm.index - core.log.snap_index > 12 and rng.random() < 0.05:
+                    c.compact(node.id)
+        except RaftError:
+            pass
+
+    def _conf_change(self, leader: str) -> None:
+        c, rng = self.c, self.rng
+        membership = c.core(leader).membership
+        outsiders = sorted(set(c.nodes) - membership.members)
+        learners = sorted(membership.learners)
+        members = sorted(membership.members)
+        choices: list[ConfChange] = []
+        choices += [ConfChange(ConfChangeOp.ADD_LEARNER, n) for n in outsiders]
+        choices += [ConfChange(ConfChangeOp.ADD_VOTER, n) for n in outsiders]
+        choices += [ConfChange(ConfChangeOp.PROMOTE, n) for n in learners]
+        if len(membership.voters) > 2:
+            choices += [ConfChange(ConfChangeOp.REMOVE, n) for n in members]
+        elif learners:
+            choices += [ConfChange(ConfChangeOp.REMOVE, n) for n in learners]
+        if choices:
+            change = rng.choice(choices)
+            c.act(leader, lambda core: core.propose_conf_change(change))
+
+
+def run_seed(
+    seed: int, nodes: int | None = None, steps: int | None = None
+) -> SimResult:
+    """One random run: faults and workload for ``steps`` ticks, then heal and check.
+
+    Raises:
+        SafetyViolation: a safety property broke (message says which).
+        SimFailure: no progress after healing, or an acked write went missing.
+    """
+    rng = random.Random(seed)
+    n = nodes or rng.choice((3, 3, 4, 5))
+    steps = steps or 250
+    ids = [f"n{i}" for i in range(1, n + 1)]
+    founders = ids if n == 3 or rng.random() < 0.5 else ids[:-1]
+    net = NetConfig(
+        loss=rng.choice((0.0, 0.02, 0.1)),
+        duplicate=rng.choice((0.0, 0.02)),
+        max_delay=rng.choice((0, 1, 3)),
+        codec=0.05,
+    )
+    cluster = Cluster(ids, seed, founders, net, _fast_config)
+    cluster.crash_unpersisted = 0.002
+    work = _Workload(cluster, rng)
+    for _ in range(steps):
+        work.faults()
+        work.actions()
+        cluster.tick()
+    return _heal_and_check(cluster, seed, n, steps)
+
+
+def _heal_and_check(cluster: Cluster, seed: int, n: int, steps: int) -> SimResult:
+    cluster.crash_unpersisted = 0.0
+    cluster.net = NetConfig(max_delay=cluster.net.max_delay)
+    cluster.heal()
+    for node_id in cluster.nodes:
+        cluster.restart(node_id)
+    acked = dict(cluster.checker.acked)
+    need = max(acked.values(), default=0)
+
+    def converged() -> bool:
+        leader = cluster.leader()
+        if leader is None:
+            return False
+        core = cluster.core(leader)
+        members = core.membership.members
+        return core.commit >= need and all(
+            cluster.nodes[m].sm.index >= core.commit for m in members
+        )
+
+    if not cluster.run_until(converged, 400):
+        raise SimFailure(f"seed {seed}: cluster did not converge after healing")
+    leader = cluster.leader()
+    assert leader is not None
+    members = sorted(cluster.core(leader).membership.members)
+    for payload in acked:
+        if not cluster.applied_everywhere(payload, members):
+            raise SimFailure(f"seed {seed}: acked {payload} missing on a member")
+    cluster.check_logs()
+    return SimResult(
+        seed=seed,
+        nodes=n,
+        ticks=cluster.now,
+        acked=len(acked),
+        leaders=len(cluster.checker.leaders),
+        final_members=members,
+    )
