@@ -7,8 +7,10 @@ import asyncio
 import base64
 import contextlib
 import os
+import pwd
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -30,6 +32,7 @@ from cronmesh.core.executors import (
 )
 from cronmesh.core.executors.shell import (
     format_go_duration,
+    install_pidfd_child_watcher,
     parse_go_duration,
     parse_mem_limit,
     split_command,
@@ -444,6 +447,18 @@ def test_missing_command_is_a_failure_not_an_exception() -> None:
     assert b"command not found: no-such-program-cronmesh" in result.output
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_su_runs_the_job_as_another_user() -> None:
+    result = run_shell({"command": "id -u", "su": "nobody"})
+    assert result.output.strip() == str(pwd.getpwnam("nobody").pw_uid).encode()
+
+
+def test_su_unknown_user_is_a_failure() -> None:
+    result = run_shell({"command": "id", "su": "no-such-user-cronmesh"})
+    assert not result.success
+    assert result.error == "su: unknown user 'no-such-user-cronmesh'"
+
+
 def test_payload_is_decoded_and_fed_to_stdin() -> None:
     data = b"line one\nline two\n" * 10_000  # larger than a pipe buffer
     result = run_shell({"command": "cat", "payload": b64(data)})
@@ -685,6 +700,83 @@ def test_many_concurrent_jobs_leave_no_processes_behind() -> None:
     assert_all_gone(mark)
 
 
+def test_jobs_run_under_the_pidfd_child_watcher() -> None:
+    async def go() -> ExecResult:
+        if not install_pidfd_child_watcher():
+            pytest.skip("pidfd_open is not available here")
+        return await ShellExecutor().run(
+            {"shell": "true", "command": "echo via pidfd; exit 2"},
+            OutputBuffer(),
+            job_name="j",
+            execution_id="e",
+        )
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        asyncio.get_child_watcher().close()
+        asyncio.set_child_watcher(None)  # back to the default for other tests
+    assert (result.exit_code, result.output) == (
+        2,
+        b"via pidfd\n[cronmesh] exit status 2\n",
+    )
+
+
+SUBREAPER_SCRIPT = """
+import asyncio, ctypes, os, sys, time
+from cronmesh.core.executors import OutputBuffer, ShellExecutor
+
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def our_zombies():
+    found = 0
+    for entry in os.scandir("/proc"):
+        try:
+            stat = open(f"/proc/{entry.name}/stat", "rb").read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        found += fields[0] == b"Z" and int(fields[1]) == os.getpid()
+    return found
+
+
+async def job(reap):
+    return await ShellExecutor(reap_orphans=reap).run(
+        {"shell": "true", "timeout": "100ms", "command": sys.argv[1]},
+        OutputBuffer(), job_name="j", execution_id="e",
+    )
+
+
+async def main():
+    for reap in (True, False):
+        await job(reap)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and our_zombies() != (0 if reap else 2):
+            await asyncio.sleep(0.02)
+        print(our_zombies())
+
+asyncio.run(main())
+"""
+
+
+def test_reap_orphans_leaves_no_zombies_when_we_are_the_reaper() -> None:
+    # In a container the agent may be PID 1; a subreaper gets orphans the
+    # same way. Run that in a child Python so this process stays unchanged.
+    mark = marker()
+    command = f"sleep {mark} & sleep {mark} & wait"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", SUBREAPER_SCRIPT, command],
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    # With reaping: none. Without (the control run): its two sleeps.
+    assert done.stdout.split() == [b"0", b"2"], done.stderr
+
+
 # --------------------------------------------------------------------------
 # HTTP
 
@@ -736,9 +828,12 @@ def server() -> Iterator[str]:
 
 
 def test_http_success_returns_body_and_status_line(server: str) -> None:
-    result = run_http({"method": "GET", "url": f"{server}/ok", "expectCode": "200"})
+    path = f"/ok?id={marker()}"
+    result = run_http({"method": "POST", "url": server + path, "expectCode": "200"})
     assert (result.success, result.exit_code, result.error) == (True, None, "")
     assert result.output == b"hello ok\n[cronmesh] HTTP 200 OK\n"
+    # One run is one request: retries belong to the scheduler, not here.
+    assert [r[:2] for r in _Handler.received if r[1] == path] == [("POST", path)]
 
 
 def test_http_without_expect_code_any_status_succeeds(server: str) -> None:

@@ -9,8 +9,8 @@ Config keys (all strings): ``command`` (required), ``shell``, ``env``, ``cwd``,
 #
 # A job is rarely one process. ``sh -c "a | b"`` is three, and
 # ``sleep 100 & wait`` leaves a grandchild that outlives its parent's pid.
-# Killing only the pid we spawned (what Dkron did before #1385) leaves those
-# running, still holding our output pipe, so the job never "ends" either.
+# Killing only the pid we spawned (the Dkron bug reported in #1385) leaves
+# those running, still holding our output pipe, so the job never "ends".
 #
 # So every job starts as the leader of a new session, which also makes it the
 # leader of a new process group whose id is its pid. Every descendant inherits
@@ -31,7 +31,12 @@ Config keys (all strings): ``command`` (required), ``shell``, ``env``, ``cwd``,
 #
 # Reaping is the event loop's child watcher's job: it waitpid()s our leader
 # whether or not anyone awaits it, and orphaned grandchildren are re-parented
-# to init (or the nearest subreaper), which reaps them.
+# to init (or the nearest subreaper), which reaps them. When the agent IS
+# init (PID 1 in a container) or a subreaper, orphans come back to us and no
+# watcher asks for them, so ``reap_orphans`` waits for them by process group.
+# On Python 3.11 the
+# default watcher runs one thread per child; ``install_pidfd_child_watcher``
+# swaps in the thread-free pidfd watcher that 3.12 uses by default.
 #
 # Output: stdout and stderr share ONE pipe, so the kernel keeps their relative
 # order, and chunks go to the sink from the protocol callback as they arrive,
@@ -49,6 +54,7 @@ import os
 import pwd
 import re
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +74,7 @@ __all__ = [
     "ShellConfig",
     "ShellExecutor",
     "format_go_duration",
+    "install_pidfd_child_watcher",
     "parse_go_duration",
     "parse_mem_limit",
     "parse_shell_config",
@@ -538,6 +545,9 @@ class ShellExecutor:
         pipe_check_interval: seconds between checks, once the job's first
             process exited, for an output pipe held open by a process that
             left the job's process group.
+        reap_orphans: reap the job's orphaned processes ourselves; needed
+            when this process is PID 1 or a child subreaper. None means "when
+            we are PID 1".
     """
 
     name = "shell"
@@ -549,11 +559,13 @@ class ShellExecutor:
         mem_poll_interval: float = MEM_POLL_INTERVAL,
         kill_grace: float = KILL_GRACE,
         pipe_check_interval: float = PIPE_CHECK_INTERVAL,
+        reap_orphans: bool | None = None,
     ) -> None:
         self.max_output = max_output
         self.mem_poll_interval = mem_poll_interval
         self.kill_grace = kill_grace
         self.pipe_check_interval = pipe_check_interval
+        self.reap_orphans = os.getpid() == 1 if reap_orphans is None else reap_orphans
 
     def validate(self, config: dict[str, str]) -> None:
         """Raise ValidationError if ``config`` cannot be run.
@@ -648,10 +660,12 @@ class ShellExecutor:
             for task in helpers:
                 task.cancel()
             if not protocol.finished.done():
-                # Abnormal exit, or a process outside the group kept the pipe.
+                # An exception or a cancellation got us here: kill, then close.
                 killer.kill("aborted", "aborted", "")
                 await asyncio.wait([protocol.exited], timeout=self.kill_grace)
             transport.close()
+            if self.reap_orphans:
+                _reap_group(loop, killer.pgid, protocol.exited.done)
         if protocol.sink_error is not None:
             raise protocol.sink_error
         if protocol.abandoned:
@@ -697,6 +711,34 @@ async def _watch_memory(killer: _Kill, limit: int, interval: float) -> None:
                 f"{limit} bytes; killed its process group",
             )
             return
+
+
+def _reap_group(
+    loop: asyncio.AbstractEventLoop,
+    pgid: int,
+    leader_reaped: Callable[[], bool],
+    tries: int = 50,
+    interval: float = 0.1,
+) -> None:
+    """Reap our exited children in group ``pgid``, retrying for a while.
+
+    Only orphans re-parented to us can match, and only once the leader itself
+    was reaped by the child watcher (reaping it here would steal its status).
+    Limitation: a group member that outlives the job by more than
+    ``tries * interval`` seconds (5 s) becomes a zombie of ours when it exits.
+    """
+    if leader_reaped():
+        while True:
+            try:
+                status = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                return  # no child of ours is left in the group
+            if status is None:
+                break  # some are still running
+    if tries > 0:
+        loop.call_later(
+            interval, _reap_group, loop, pgid, leader_reaped, tries - 1, interval
+        )
 
 
 def _spawn_kwargs(
@@ -779,3 +821,26 @@ def _signal_name(number: int) -> str:
         return f"{signal.Signals(number).name} ({number})"
     except ValueError:
         return str(number)
+
+
+def install_pidfd_child_watcher() -> bool:
+    """Make asyncio reap child processes through pidfds instead of threads.
+
+    Python 3.11's default child watcher starts one thread per child process,
+    which costs a thread per running job. Call this once from inside the
+    agent's running event loop, before the first job starts (Linux 5.3+).
+    Python 3.12 and later already do this by default.
+
+    Returns:
+        True if pidfds are in use afterwards, False if unavailable here.
+    """
+    if sys.version_info >= (3, 12):
+        return hasattr(os, "pidfd_open")
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+    return True
