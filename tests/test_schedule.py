@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -802,6 +802,81 @@ def test_property_increasing_and_matching(
             )
             assert any(wall_matches(fields, moment) for moment in skipped)
         previous = fire
+
+
+def nearest_weekday_oracle(day: date) -> date:
+    """Search outward from ``day`` for the closest Monday-Friday in its month."""
+    for distance in (0, -1, 1, -2, 2):
+        moved = day + timedelta(days=distance)
+        if moved.month == day.month and moved.weekday() < 5:
+            return moved
+    raise AssertionError(day)
+
+
+def day_item_matches(item: str, day: date) -> bool:
+    """Independent reading of one dom (``L``, ``LW``, ``nW``, ``n``) or dow
+    (``d#n``, ``dL``, ``d``) item, written as plainly as possible."""
+    kind, _, body = item.partition(":")
+    cron_weekday = day.isoweekday() % 7
+    next_month = (day + timedelta(days=1)).month != day.month
+    if kind == "dom" and body == "L":
+        return next_month
+    if kind == "dom" and body == "LW":
+        last = day
+        while (last + timedelta(days=1)).month == day.month:
+            last += timedelta(days=1)
+        return nearest_weekday_oracle(last) == day
+    if kind == "dom" and body.endswith("W"):
+        try:
+            target = day.replace(day=int(body[:-1]))
+        except ValueError:
+            return False
+        return nearest_weekday_oracle(target) == day
+    if kind == "dom":
+        return day.day == int(body)
+    if "#" in body:
+        weekday, nth = map(int, body.split("#"))
+        earlier = sum(
+            1
+            for back in range(1, day.day)
+            if (day - timedelta(days=back)).isoweekday() % 7 == weekday
+        )
+        return cron_weekday == weekday and earlier + 1 == nth
+    if body.endswith("L"):
+        same_month_next_week = (day + timedelta(days=7)).month == day.month
+        return cron_weekday == int(body[:-1]) and not same_month_next_week
+    return cron_weekday == int(body)
+
+
+DOM_ITEMS = st.sampled_from(["L", "LW", "1W", "15W", "30W", "31W", "1", "31"])
+DOW_ITEMS = st.one_of(
+    st.builds("{}#{}".format, st.integers(0, 6), st.integers(1, 5)),
+    st.builds("{}L".format, st.integers(0, 6)),
+    st.builds(str, st.integers(0, 6)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    dom=st.lists(DOM_ITEMS, max_size=3, unique=True),
+    dow=st.lists(DOW_ITEMS, max_size=3, unique=True),
+    start=st.dates(date(2000, 1, 1), date(2030, 1, 1)),
+)
+def test_property_day_extensions_match_a_day_by_day_oracle(
+    dom: list[str], dow: list[str], start: date
+) -> None:
+    assume(dom or dow)
+    text = f"0 0 0 {','.join(dom) or '*'} * {','.join(dow) or '*'}"
+    items = [f"dom:{item}" for item in dom] + [f"dow:{item}" for item in dow]
+    window = [start + timedelta(days=offset) for offset in range(1, 400)]
+    expected = [d for d in window if any(day_item_matches(i, d) for i in items)]
+    begin = datetime(start.year, start.month, start.day, tzinfo=UTC)
+    got = [
+        fire.date()
+        for fire in next_fires(text, "UTC", begin, len(expected) + 1)
+        if fire.date() <= window[-1]
+    ]
+    assert got == expected, text
 
 
 # (zone, UTC instant of a clock change): forward and back, 60 and 30 minutes.

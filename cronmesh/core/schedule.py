@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A schedule turns "now" into "the next instant this job fires". Four kinds exist:
+A schedule turns "now" into "the next instant this job fires". Five kinds exist:
 
 * cron expressions: six fields ``sec min hour dom month dow`` (Dkron's order) or
   five classic fields with the seconds fixed at 0, plus the ``@daily`` family of
@@ -35,6 +35,19 @@ MIN_STAR/HR_STAR test, so ``*/15`` is a wildcard while ``2-23/4``, ``0-59`` and
 Several skipped wall times of one fixed job collapse into a single fire at the
 jump, because an instant can only be returned once. ``@every`` and ``@at`` deal
 in absolute instants and ignore all of this; the zone only renders the result.
+
+Where croniter fits
+-------------------
+croniter expands the plain items (numbers, ranges, steps) into value sets. We
+validate every item first, for messages that name the field, and work around
+what croniter gets wrong: it reads a one-value range such as ``5-5`` or ``7-7``
+(even ``12-12/3``) as the whole field, so those reach it as a single value; it
+wraps backwards ranges, which we reject; it collapses full sets to ``'*'`` and
+then treats them as unrestricted for the dom/dow OR rule, so restriction is
+decided from the text instead; it reads ``15W`` as plain 15, refuses ``#``
+mixed with other weekdays and loses months around ``L``, so ``L``, ``W``,
+``#`` and ``dL`` never reach it; and its aware-datetime search runs a fixed
+job twice in a repeated hour, so the search and the DST mapping are ours.
 
 Limitation: transitions are found by probing offsets 3 hours ahead, so a zone
 that moves its clock back by more than 3 hours at once (historical date-line
