@@ -222,8 +222,8 @@ class HttpExecutor:
 
     def __init__(self, *, max_output: int = MAX_OUTPUT_BYTES) -> None:
         self.max_output = max_output
-        # Building an SSL context reads the CA store (milliseconds), so they
-        # are cached per TLS options and certificate file mtimes.
+        # Building an SSL context reads the CA store (milliseconds), so the
+        # last few are kept per TLS options and certificate file mtimes.
         self._ssl_cache: OrderedDict[tuple[object, ...], ssl.SSLContext] = OrderedDict()
 
     def validate(self, config: dict[str, str]) -> None:

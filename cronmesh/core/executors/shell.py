@@ -3,6 +3,12 @@
 Config keys (all strings): ``command`` (required), ``shell``, ``env``, ``cwd``,
 ``payload`` (base64, fed to stdin), ``timeout`` (Go duration), ``mem_limit``
 (bytes, or with a B/K/KB/M/MB/G/GB/T/TB suffix) and ``su`` (``user[:group]``).
+
+The job's environment is the agent's, overridden by ``env_extra``, then by
+``env``, then by ``ENV_JOB_NAME`` (which Dkron sets), ``CRONMESH_JOB_NAME``
+and ``CRONMESH_EXECUTION_ID``. Its output is stdout and stderr interleaved;
+cronmesh appends one ``[cronmesh] ...`` line for a non-zero exit, a signal, a
+timeout, a kill, a memory overrun or a failure to start.
 """
 
 # Theory of operation: process groups.
@@ -507,6 +513,8 @@ class _Kill:
 
 def kill_group(pgid: int) -> None:
     """Send SIGKILL to process group ``pgid``; a group already gone is fine."""
+    # Limitation: a process that moved to another group or session (setsid,
+    # setpgid, a shell with job control) escapes this kill; cgroups would not.
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
@@ -612,6 +620,8 @@ class ShellExecutor:
             return _fail(out, f"cannot start: {exc}", str(exc))
         loop = asyncio.get_running_loop()
         protocol = _JobProtocol(out, loop, self.pipe_check_interval)
+        # Limitation: if this task is cancelled during the spawn itself, asyncio
+        # kills only the new pid, not its group (it has had no time to fork).
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: protocol, *cfg.argv, **spawn_kwargs
