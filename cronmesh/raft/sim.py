@@ -34,6 +34,7 @@ import hashlib
 import heapq
 import json
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -215,6 +216,7 @@ class Cluster:
         self.nodes: dict[str, SimNode] = {}
         self.cut: set[frozenset[str]] = set()
         self.crash_unpersisted = 0.0  # chance a Ready is lost with a crash
+        self.stats: Counter[str] = Counter()  # what happened, for tuning runs
         self._queue: list[tuple[int, int, Message]] = []
         self._counter = 0
         founders = set(ids if voters is None else voters)
@@ -239,6 +241,7 @@ class Cluster:
 
     def crash(self, node_id: str) -> None:
         """Stop a server; only what it persisted survives."""
+        self.stats["crash"] += 1
         self.nodes[node_id].core = None
 
     def restart(self, node_id: str) -> None:
@@ -277,6 +280,7 @@ class Cluster:
 
     def _send(self, msg: Message) -> None:
         net, rng = self.net, self.rng
+        self.stats[type(msg).__name__] += 1
         if net.loss and rng.random() < net.loss:
             return
         if net.codec and rng.random() < net.codec:
@@ -317,6 +321,7 @@ class Cluster:
         while core is not None and core.has_ready():
             ready = core.ready()
             if self.crash_unpersisted and self.rng.random() < self.crash_unpersisted:
+                self.stats["crash_unpersisted"] += 1
                 self.crash(node.id)
                 return
             self._handle_ready(node, core, ready)
@@ -335,9 +340,14 @@ class Cluster:
         for msg in ready.messages:
             self._send(msg)
         if ready.snapshot is not None:
+            self.stats["snapshot_installed"] += 1
             self._install(node, ready.snapshot)
+        if ready.compacted is not None:
+            self.stats["compacted"] += 1
         for entry in ready.committed_entries:
             self._apply(node, entry)
+        self.stats["read_failed"] += len(ready.failed_reads)
+        self.stats["read_served"] += len(ready.read_states)
         for read in ready.read_states:
             self._check_read(node, read.ctx, read.index)
         for ctx in ready.failed_reads:
@@ -353,6 +363,8 @@ class Cluster:
 
     def _apply(self, node: SimNode, entry: Entry) -> None:
         node.sm.apply(entry)
+        if entry.kind is EntryKind.CONFIG:
+            self.stats["config_applied"] += 1
         self.checker.on_applied(node.id, node.sm)
         payload = node.pending.pop((entry.index, entry.term), None)
         if payload is not None:
@@ -480,6 +492,7 @@ class SimResult:
     acked: int
     leaders: int
     final_members: list[str]
+    stats: Counter[str]
 
 
 def _fast_config(node_id: str) -> RaftConfig:
@@ -523,24 +536,24 @@ class _Workload:
 
     def actions(self) -> None:
         c, rng = self.c, self.rng
-        leader = c.leader()
+        # Each action looks the leader up again: the previous one may have
+        # crashed it (a crash can hit between ready() and persisting).
         try:
-            if leader and rng.random() < 0.35:
+            if rng.random() < 0.35 and (leader := c.leader()):
                 self.counter += 1
                 c.propose(leader, f"w{self.counter}")
-            if leader and rng.random() < 0.01:
+            if rng.random() < 0.01 and (leader := c.leader()):
                 self._conf_change(leader)
-            if leader and rng.random() < 0.004:
+            if rng.random() < 0.004 and (leader := c.leader()):
                 voters = sorted(c.core(leader).membership.voters)
                 c.act(leader, lambda core: core.transfer_leadership(rng.choice(voters)))
-            if rng.random() < 0.03:
-                node = rng.choice(c.live()) if c.live() else None
-                if node is not None:
-                    self.counter += 1
-                    c.read(node.id, f"r{self.counter}".encode())
+            if rng.random() < 0.03 and (live := c.live()):
+                self.counter += 1
+                c.read(rng.choice(live).id, f"r{self.counter}".encode())
             for node in c.live():
                 core = node.core
-                assert core is not None
+                if core is None:
+                    continue
                 if node.sm.index - core.log.snap_index > 12 and rng.random() < 0.05:
                     c.compact(node.id)
         except RaftError:
@@ -630,4 +643,5 @@ def _heal_and_check(cluster: Cluster, seed: int, n: int, steps: int) -> SimResul
         acked=len(acked),
         leaders=len(cluster.checker.leaders),
         final_members=members,
+        stats=cluster.stats,
     )
