@@ -124,6 +124,8 @@ class RaftLog:
 
     def restore(self, meta: SnapshotMeta) -> None:
         """Replace the whole log by a snapshot received from the leader."""
+        # Limitation: entries after the snapshot are dropped even when they
+        # match the leader's; the leader sends them again.
         self.snap_index, self.snap_term = meta.index, meta.term
         self.unstable = []
         self.offset = meta.index + 1

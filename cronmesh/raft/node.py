@@ -49,10 +49,12 @@ request to the leader and wait for the index the leader returns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
 
 from cronmesh.errors import InvariantViolation
 from cronmesh.raft.errors import (
@@ -94,6 +96,29 @@ from cronmesh.raft.types import (
 __all__ = ["RaftConfig", "RaftNode"]
 
 _log = logging.getLogger("cronmesh.raft")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _guarded(
+    method: Callable[Concatenate[RaftNode, _P], _R],
+) -> Callable[Concatenate[RaftNode, _P], _R]:
+    """Mark a public input: a node that broke an invariant takes no more input."""
+
+    @functools.wraps(method)
+    def wrapper(self: RaftNode, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._broken is not None:
+            raise InvariantViolation(
+                f"raft: node {self.id} stopped after: {self._broken}"
+            ) from self._broken
+        try:
+            return method(self, *args, **kwargs)
+        except InvariantViolation as exc:
+            self._broken = exc
+            raise
+
+    return wrapper
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +188,8 @@ class RaftNode:
         self.cfg = config
         self._rng = rng
         hard = stable_store.hard_state()
+        # Limitation: the newest snapshot is kept in memory whole (to send it
+        # to followers); a large application state costs that much RAM.
         self._snapshot = stable_store.snapshot()
         meta = self._snapshot.meta if self._snapshot else None
         self.log = RaftLog(log_store, meta)
@@ -175,6 +202,7 @@ class RaftNode:
         self.applied = self.log.snap_index if applied is None else applied
         self._check_restart_bounds()
         self._persisted_hs = hard
+        self._broken: InvariantViolation | None = None
         self._init_volatile()
         self._reported_soft = SoftState(self.role, self.leader, self.term)
 
@@ -212,15 +240,6 @@ class RaftNode:
         self._snap_buf: tuple[tuple[int, int], bytearray] | None = None
         self._bcast = False
         self._outstanding: Ready | None = None
-        self._handlers: dict[type[Message], Callable[[Message], None]] = {
-            AppendEntries: self._handle_append_entries,  # type: ignore[dict-item]
-            AppendEntriesResp: self._handle_append_resp,  # type: ignore[dict-item]
-            RequestVote: self._handle_request_vote,  # type: ignore[dict-item]
-            RequestVoteResp: self._handle_vote_resp,  # type: ignore[dict-item]
-            InstallSnapshot: self._handle_install_snapshot,  # type: ignore[dict-item]
-            InstallSnapshotResp: self._handle_snapshot_resp,  # type: ignore[dict-item]
-            TimeoutNow: self._handle_timeout_now,  # type: ignore[dict-item]
-        }
 
     # ------------------------------------------------------------------
     # Observation
@@ -270,6 +289,7 @@ class RaftNode:
         if self._outstanding is not None:
             raise ReadyPending("raft: input given before advance() of the last Ready")
 
+    @_guarded
     def tick(self) -> None:
         """Advance logical time by one tick."""
         self._check_idle()
@@ -278,6 +298,7 @@ class RaftNode:
         else:
             self._tick_election()
 
+    @_guarded
     def step(self, msg: Message) -> None:
         """Process one message received from a peer.
 
@@ -295,8 +316,29 @@ class RaftNode:
         elif msg.term < self.term:
             self._on_lower_term(msg)
         else:
-            self._handlers[type(msg)](msg)
+            self._dispatch(msg)
 
+    def _dispatch(self, msg: Message) -> None:
+        """Hand a message of our own term to its handler."""
+        match msg:
+            case AppendEntries():
+                self._handle_append_entries(msg)
+            case AppendEntriesResp():
+                self._handle_append_resp(msg)
+            case RequestVote():
+                self._handle_request_vote(msg)
+            case RequestVoteResp():
+                self._handle_vote_resp(msg)
+            case InstallSnapshot():
+                self._handle_install_snapshot(msg)
+            case InstallSnapshotResp():
+                self._handle_snapshot_resp(msg)
+            case TimeoutNow():
+                self._handle_timeout_now(msg)
+            case _:
+                self._debug("drop unknown message", kind=type(msg).__name__)
+
+    @_guarded
     def propose(self, data: bytes) -> tuple[int, int]:
         """Append a command to the log (leader only).
 
@@ -312,8 +354,11 @@ class RaftNode:
         """
         self._check_idle()
         self._check_can_propose()
+        # Limitation: uncommitted entries are not capped; while no quorum
+        # answers, proposals pile up in memory until check-quorum steps down.
         return self._leader_append(EntryKind.NORMAL, data)
 
+    @_guarded
     def propose_conf_change(self, change: ConfChange) -> tuple[int, int]:
         """Append a single-server membership change (leader only).
 
@@ -337,9 +382,12 @@ class RaftNode:
             raise ConfigChangeInProgress(
                 f"raft: change at index {self._configs[-1][0]} not committed"
             )
+        # Limitation: ADD_VOTER and PROMOTE do not wait for the server to
+        # catch up; a lagging new voter can stall commits until it has.
         new = self.membership.apply(change)
         return self._leader_append(EntryKind.CONFIG, encode_config_entry(new, change))
 
+    @_guarded
     def read_index(self, ctx: bytes) -> None:
         """Ask for a linearizable read; ``ctx`` comes back in a ``ReadState``.
 
@@ -358,6 +406,7 @@ class RaftNode:
         else:
             raise NotLeader(None)
 
+    @_guarded
     def transfer_leadership(self, target: str) -> None:
         """Hand leadership to voter ``target`` (§3.10).
 
@@ -382,6 +431,7 @@ class RaftNode:
         self._transfer_target, self._transfer_elapsed = target, 0
         self._maybe_send_timeout_now(target)
 
+    @_guarded
     def compact(self, index: int, data: bytes) -> None:
         """Replace the log prefix up to ``index`` by the snapshot ``data``.
 
@@ -429,6 +479,7 @@ class RaftNode:
             or soft != self._reported_soft
         )
 
+    @_guarded
     def ready(self) -> Ready:
         """Collect the batch produced since the last ``advance``.
 
@@ -466,6 +517,7 @@ class RaftNode:
         self._outstanding = ready
         return ready
 
+    @_guarded
     def advance(self, ready: Ready) -> None:
         """Acknowledge that ``ready`` was persisted, sent and applied.
 
@@ -792,6 +844,7 @@ class RaftNode:
             conflict_term = self.log.term(prev_index) or 0
             conflict_index = prev_index
             # Skip back over the whole conflicting term (fast backtracking).
+            # Limitation: one store read per index of that term.
             while (
                 conflict_index - 1 > self.commit
                 and self.log.term(conflict_index - 1) == conflict_term
@@ -880,6 +933,8 @@ class RaftNode:
             have = len(buf[1]) if buf is not None and buf[0] == key else 0
             self._snapshot_progress(m, have)
             return
+        # Limitation: chunks are buffered in memory until the last one; a
+        # restart loses a partial transfer, which then starts over at 0.
         buf[1].extend(m.data)
         if not m.done:
             self._snapshot_progress(m, len(buf[1]))
@@ -991,7 +1046,8 @@ class RaftNode:
         else:
             # An empty append at next-1: answered at once if nothing is
             # missing, rejected (so we fall back to probing) if a message
-            # of the window was lost.
+            # of the window was lost.  Limitation: a window message that is
+            # only delayed also causes a rejection and a resend.
             prev_term = self.log.term(pr.next - 1)
             if prev_term is None:
                 self._start_snapshot(peer, pr)
@@ -1088,6 +1144,8 @@ class RaftNode:
         for read in reads:
             self._start_read(read)
         if self.id not in self.membership.voters and self._configs[-1][0] <= index:
+            # Limitation: it steps down without handing over, so the cluster
+            # waits one election timeout for the next leader.
             self._info("removed from configuration; stepping down")
             self._become_follower(self.term, None)
         return True
@@ -1115,6 +1173,9 @@ class RaftNode:
         self._send_snapshot_chunk(peer, pr)
 
     def _send_snapshot_chunk(self, peer: str, pr: Progress) -> None:
+        # Limitation: one chunk in flight per follower, so a snapshot takes
+        # size / snapshot_chunk_bytes round trips (a lost chunk waits for
+        # the next heartbeat).
         snap = self._snapshot
         assert snap is not None
         if pr.snap_index != snap.meta.index:
@@ -1150,6 +1211,8 @@ class RaftNode:
     # ------------------------------------------------------------------
 
     def _leader_read(self, ctx: bytes, requester: str) -> None:
+        # Limitation: no lease reads; every batch of reads costs one
+        # heartbeat round to a majority.
         read = _Read(ctx, requester)
         if self.log.term(self.commit) != self.term:
             # The commit index is not known to be current until the no-op of

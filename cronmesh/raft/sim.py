@@ -215,7 +215,9 @@ class Cluster:
         self.checker = Checker()
         self.nodes: dict[str, SimNode] = {}
         self.cut: set[frozenset[str]] = set()
-        self.crash_unpersisted = 0.0  # chance a Ready is lost with a crash
+        # Chance, per Ready, of a crash before persisting it (and, again, of a
+        # crash after persisting but before sending and applying).
+        self.crash_unpersisted = 0.0
         self.stats: Counter[str] = Counter()  # what happened, for tuning runs
         self._queue: list[tuple[int, int, Message]] = []
         self._counter = 0
@@ -324,10 +326,12 @@ class Cluster:
                 self.stats["crash_unpersisted"] += 1
                 self.crash(node.id)
                 return
-            self._handle_ready(node, core, ready)
+            if not self._handle_ready(node, core, ready):
+                return
             core.advance(ready)
 
-    def _handle_ready(self, node: SimNode, core: RaftNode, ready: Ready) -> None:
+    def _handle_ready(self, node: SimNode, core: RaftNode, ready: Ready) -> bool:
+        """Persist, send, apply; False if the server crashed on the way."""
         check = self.checker
         if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
             check.on_leader(core)
@@ -337,6 +341,11 @@ class Cluster:
             if core.role is Role.LEADER and ready.hard_state.commit > node.last_commit:
                 check.on_commit(core, node.last_commit, ready.hard_state.commit)
             node.last_commit = ready.hard_state.commit
+        if self.crash_unpersisted and self.rng.random() < self.crash_unpersisted:
+            # Persisted, but the messages never left and nothing was applied.
+            self.stats["crash_after_persist"] += 1
+            self.crash(node.id)
+            return False
         for msg in ready.messages:
             self._send(msg)
         if ready.snapshot is not None:
@@ -352,6 +361,7 @@ class Cluster:
             self._check_read(node, read.ctx, read.index)
         for ctx in ready.failed_reads:
             node.reads.pop(ctx, None)
+        return True
 
     def _install(self, node: SimNode, snap: Snapshot) -> None:
         node.sm = StateMachine.restore(snap.data)
@@ -428,9 +438,11 @@ class Cluster:
 
     def propose(self, node_id: str, payload: str) -> tuple[int, int]:
         """Propose ``payload`` at ``node_id``; it is acked once applied there."""
-        index, term = self.act(node_id, lambda c: c.propose(payload.encode()))  # type: ignore[misc]
-        self.nodes[node_id].pending[(index, term)] = payload
-        return index, term
+        core = self.core(node_id)
+        key = core.propose(payload.encode())
+        self.nodes[node_id].pending[key] = payload
+        self.process(self.nodes[node_id])
+        return key
 
     def read(self, node_id: str, ctx: bytes) -> None:
         """Ask for a linearizable read; checked when it is confirmed."""

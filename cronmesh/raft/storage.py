@@ -197,6 +197,8 @@ def bootstrap(log: LogStore, stable: StableStore, voters: set[str]) -> None:
     Raises:
         InvariantViolation: the stores are not empty.
     """
+    # Limitation: there is no recovery path yet (hashicorp's peers file) for
+    # a cluster that lost its quorum for good; the design calls for one.
     if log.last_index() != 0 or stable.hard_state() != HardState():
         raise InvariantViolation("raft: bootstrap on a server that has state")
     data = encode_config_entry(Membership(frozenset(voters)), None)
@@ -205,7 +207,11 @@ def bootstrap(log: LogStore, stable: StableStore, voters: set[str]) -> None:
 
 
 def persist_ready(ready: Ready, log: LogStore, stable: StableStore) -> None:
-    """Write the durable parts of ``ready`` in the order the contract demands."""
+    """Write the durable parts of ``ready`` in the order the contract demands.
+
+    A store with transactions SHOULD do all of it in one (one fsync per
+    batch); the order then only matters for readers inside the transaction.
+    """
     if ready.snapshot is not None:
         index = ready.snapshot.meta.index
         stable.save_snapshot(ready.snapshot)
