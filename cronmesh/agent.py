@@ -25,6 +25,7 @@ from cronmesh import __version__
 from cronmesh.core.commitlog import LocalLog
 from cronmesh.core.dispatcher import Dispatcher
 from cronmesh.core.executors import get_executor
+from cronmesh.core.executors.shell import install_pidfd_child_watcher
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
 from cronmesh.core.model import Execution, Job, format_time
 from cronmesh.core.runner import Runner
@@ -40,7 +41,10 @@ from cronmesh.metrics import Metrics
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.state import StateStore
 
-__all__ = ["Agent", "AgentConfig", "parse_addr"]
+__all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
+
+# Tags the agent sets itself; `--tag` may not set them.
+RESERVED_TAGS = ("dc", "region", "server", "rpc_addr", "port", "version", "expect")
 
 log = logging.getLogger("cronmesh.agent")
 
@@ -101,6 +105,7 @@ class Agent:
         self.log = LocalLog(self.fsm)
         self.runner = Runner(self.node_name, self.log, max_output=config.max_output)
         self.dispatcher = Dispatcher(self.node_name, self.store, self.log, self.runner)
+        self.dispatcher.node_tags = lambda: self.tags
         self.scheduler = Scheduler(
             self.store, self.dispatcher, catch_up=config.catch_up_window
         )
@@ -119,9 +124,11 @@ class Agent:
     @property
     def tags(self) -> dict[str, str]:
         host, _ = parse_addr(self.config.bind_addr, 8946, "bind-addr")
+        # `role` is Dkron's member marker, but users target jobs with it
+        # (`"role": "worker:1"`), so a user's value wins; the rest are ours.
         return {
-            **self.config.tags,
             "role": "dkron",
+            **self.config.tags,
             "server": "true" if self.config.server else "false",
             "version": __version__,
             "dc": self.config.datacenter,
@@ -265,6 +272,7 @@ class Agent:
     async def run(self) -> None:
         """Serve until `stop()` or a signal; then shut down gracefully."""
         loop = asyncio.get_running_loop()
+        install_pidfd_child_watcher()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         await self.recover_interrupted()

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cronmesh.agent import Agent, AgentConfig, parse_addr
+from cronmesh.agent import RESERVED_TAGS, Agent, AgentConfig, parse_addr
 from cronmesh.errors import CronmeshError, ValidationError
 
 __all__ = ["agent", "load_config_file"]
@@ -26,6 +26,10 @@ def _parse_tags(values: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValidationError(f"--tag: {item!r} is not key=value", "tag")
+        if key in RESERVED_TAGS:
+            raise ValidationError(
+                f"--tag: {key!r} is reserved (set by the agent itself)", "tag"
+            )
         tags[key] = value
     return tags
 

@@ -73,6 +73,7 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[object]] = set()
         self._last_start_ns = 0
         self.active = True
+        self.node_tags: Callable[[], dict[str, str]] = dict
 
     def _started_at(self) -> datetime:
         # Execution ids carry the start in ns; two runs of one node in the
@@ -110,6 +111,7 @@ class Dispatcher:
             if reason:
                 log.debug("skipping fire job=%s reason=%s", job_name, reason)
                 return FireOutcome(skipped=reason)
+        mismatch = tags_mismatch(job.tags, self.node_tags())
         started = self._started_at()
         execution = Execution(
             job_name=job.name,
@@ -127,6 +129,15 @@ class Dispatcher:
             forbid=job.concurrency == CONCURRENCY_FORBID,
         )
         result = await self.log.propose(payload)
+        if result.ok and mismatch:
+            # Dkron skips such a run silently; we record it as failed.
+            log.info("no node matches job=%s reason=%s", job.name, mismatch)
+            execution.finished_at = self.clock()
+            execution.output = (
+                f"[cronmesh] not run: no alive node matches: {mismatch}\n"
+            )
+            await self.runner.report(execution)
+            return FireOutcome(execution=execution, result=result)
         if not result.ok:
             if result.code == 409 and trigger == "manual":
                 running = result.value
@@ -194,6 +205,23 @@ class Dispatcher:
         self.active = False
         for task in list(self._tasks):
             task.cancel()
+
+
+def tags_mismatch(wanted: dict[str, str], have: dict[str, str]) -> str:
+    """Why a node with tags `have` cannot run a job targeting `wanted` ("" if it can).
+
+    A value may end in `:N` (run on N matching nodes); with one node only
+    the value before it counts.
+    """
+    for key, value in wanted.items():
+        expected = (
+            value.rsplit(":", 1)[0] if value.rsplit(":", 1)[-1].isdigit() else value
+        )
+        if have.get(key) != expected:
+            return (
+                f"tag {key}={expected} (this node has {have.get(key, 'no such tag')!r})"
+            )
+    return ""
 
 
 def _not_runnable(

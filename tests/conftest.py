@@ -1,0 +1,169 @@
+"""Fixtures that start real agents as separate processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def cases_dir() -> Path:
+    override = os.environ.get("CRONMESH_CASES_DIR")
+    return Path(override) if override else REPO.parent / "shared" / "cases"
+
+
+class AgentProcess:
+    """A `cronmesh agent` child process with its own data dir and port."""
+
+    def __init__(self, data_dir: Path, *extra: str, name: str = "node1") -> None:
+        self.data_dir = data_dir
+        self.name = name
+        self.extra = list(extra)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir.parent / f"{name}-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+
+    def start(self, wait: bool = True) -> AgentProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "cronmesh",
+            "agent",
+            "--server",
+            "--data-dir",
+            str(self.data_dir),
+            "--node-name",
+            self.name,
+            "--http-addr",
+            f"127.0.0.1:{self.port}",
+            "--bind-addr",
+            "127.0.0.1:0",
+            *self.extra,
+        ]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=REPO)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited: {self.log()}")
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"agent not ready: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+    # -- HTTP helpers
+    def post_job(self, job: dict[str, Any], **params: str) -> httpx.Response:
+        return self.http.post("/v1/jobs", json=job, params=params)
+
+    def executions(self, job: str) -> list[dict[str, Any]]:
+        response = self.http.get(f"/v1/jobs/{job}/executions")
+        assert response.status_code == 200, response.text
+        return list(response.json())
+
+    def wait_for(self, what: str, predicate: Any, timeout: float = 20) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(0.1)
+        raise AssertionError(
+            f"timed out waiting for {what}; last={last!r}\n{self.log()}"
+        )
+
+    def finished(
+        self, job: str, count: int = 1, timeout: float = 20
+    ) -> list[dict[str, Any]]:
+        def done() -> list[dict[str, Any]] | None:
+            found = [e for e in self.executions(job) if e["finished_at"]]
+            return found if len(found) >= count else None
+
+        return list(
+            self.wait_for(f"{count} finished executions of {job}", done, timeout)
+        )
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[AgentProcess] = []
+
+    def make(
+        *extra: str,
+        name: str = "node1",
+        data_dir: Path | None = None,
+        start: bool = True,
+    ) -> AgentProcess:
+        node = AgentProcess(data_dir or tmp_path / f"data-{name}", *extra, name=name)
+        started.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in started:
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(5)
+
+
+@pytest.fixture
+def agent(agent_factory: Any) -> AgentProcess:
+    return agent_factory()  # type: ignore[no-any-return]
+
+
+def shell_job(
+    name: str, command: str, schedule: str = "@manually", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "schedule": schedule,
+        "executor": "shell",
+        "executor_config": {"command": command, **extra.pop("config", {})},
+        **extra,
+    }
