@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import itertools
 import subprocess
 import threading
 import time
@@ -88,7 +89,7 @@ def test_forbid_skips_scheduled_fires_while_running(agent: AgentProcess) -> None
     runs = agent.executions("overlap")
     spans = sorted((r["started_at"], r["finished_at"] or "9") for r in runs)
     assert len(spans) >= 2
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start, f"overlapping executions: {spans}"
 
 

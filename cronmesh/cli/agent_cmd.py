@@ -102,6 +102,10 @@ def agent(
     max_output: Annotated[
         int | None, typer.Option("--max-output", min=1024, help="Bytes kept per run.")
     ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option("--shutdown-grace", min=0, help="Seconds jobs get on SIGTERM."),
+    ] = None,
     catch_up_window: Annotated[
         float | None, typer.Option("--catch-up-window", min=0, help="Seconds.")
     ] = None,
@@ -123,6 +127,8 @@ def agent(
         for key, value in overrides.items():
             if value:
                 setattr(config, key, value)
+        if shutdown_grace is not None:
+            config.shutdown_grace = shutdown_grace
         if catch_up_window is not None:
             config.catch_up_window = catch_up_window
         config.server = server or config.server
