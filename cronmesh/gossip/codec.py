@@ -202,25 +202,43 @@ class _Reader:
         return self.buf[start : start + n]
 
     def u8(self) -> int:
-        if self.pos >= self.end:
-            raise DecodeError(f"truncated: need 1 byte at offset {self.pos}")
-        self.pos += 1
-        return self.buf[self.pos - 1]
+        pos = self.pos
+        if pos >= self.end:
+            raise DecodeError(f"truncated: need 1 byte at offset {pos}")
+        self.pos = pos + 1
+        return self.buf[pos]
 
     def u16(self) -> int:
-        return int(_U16.unpack(self.take(2))[0])
+        pos, buf = self.pos, self.buf
+        if pos + 2 > self.end:
+            raise DecodeError(f"truncated: need 2 bytes at offset {pos}")
+        self.pos = pos + 2
+        return (buf[pos] << 8) | buf[pos + 1]
 
     def u32(self) -> int:
-        return int(_U32.unpack(self.take(4))[0])
+        pos = self.pos
+        if pos + 4 > self.end:
+            raise DecodeError(f"truncated: need 4 bytes at offset {pos}")
+        self.pos = pos + 4
+        return int(_U32.unpack_from(self.buf, pos)[0])
 
     def text(self) -> str:
+        pos, buf = self.pos, self.buf
+        if pos >= self.end:
+            raise DecodeError(f"truncated: need 1 byte at offset {pos}")
+        end = pos + 1 + buf[pos]
+        if end > self.end:
+            raise DecodeError(f"truncated string at offset {pos}")
+        self.pos = end
         try:
-            return self.take(self.u8()).decode()
+            return buf[pos + 1 : end].decode()
         except UnicodeDecodeError as exc:
             raise DecodeError("string is not UTF-8") from exc
 
     def meta(self) -> bytes:
         meta = self.take(self.u16())
+        if not meta:
+            return meta
         if len(meta) > MAX_META_BYTES:
             raise DecodeError(f"meta of {len(meta)} bytes is over {MAX_META_BYTES}")
         try:

@@ -219,6 +219,7 @@ class GossipCore:
         self._self = _Node(name, host, port, 1, encode_tags(tags or {}), now_ms)
         self._nodes: dict[str, _Node] = {name: self._self}
         self._names: list[str] = [name]  # for O(1) random picks
+        self._live = 1  # members neither dead nor left, ourselves included
         self._probe_order: list[str] = []
         self._probe_index = 0
         self._probe: _Probe | None = None
@@ -230,6 +231,7 @@ class GossipCore:
         self._seq = 0
         self._request_id = 0
         self._leaving = False
+        self._src: tuple[str, int] | None = None  # sender of the packet at hand
         self._start_timers(now_ms)
         self._broadcast(name, self._alive_message())
 
@@ -273,6 +275,11 @@ class GossipCore:
         """One member by name, or None if unknown (or reaped)."""
         node = self._nodes.get(name)
         return node.snapshot() if node is not None else None
+
+    def state_of(self, name: str) -> MemberState | None:
+        """A member's state without building a snapshot (None: unknown)."""
+        node = self._nodes.get(name)
+        return node.state if node is not None else None
 
     def next_deadline_ms(self) -> int:
         """Earliest driver time at which ``tick`` has work to do."""
@@ -319,8 +326,10 @@ class GossipCore:
         except DecodeError as exc:
             self._drop("packet", src, exc)
             return self._finish()
+        self._src = src
         for msg in messages:
             self._dispatch(msg)
+        self._src = None
         return self._finish()
 
     def receive_stream(
@@ -432,14 +441,16 @@ class GossipCore:
 
     # --- sending --------------------------------------------------------
 
-    def _send(self, host: str, port: int, msg: Message) -> None:
-        """Send ``msg`` in one datagram, filling the rest with broadcasts."""
-        frame = encode_message(msg)
-        room = self.config.udp_budget - packet_overhead(self.keyring) - len(frame)
-        extra = self._broadcasts.take(
-            room, self._retransmit_limit(), MAX_MESSAGES_PER_PACKET - 1
+    def _send(self, host: str, port: int, *msgs: Message) -> None:
+        """Send ``msgs`` in one datagram, filling the rest with broadcasts."""
+        frames = [encode_message(msg) for msg in msgs]
+        used = packet_overhead(self.keyring) + sum(len(f) for f in frames)
+        frames += self._broadcasts.take(
+            self.config.udp_budget - used,
+            self._retransmit_limit(),
+            MAX_MESSAGES_PER_PACKET - len(frames),
         )
-        self._emit_packet(host, port, [frame, *extra])
+        self._emit_packet(host, port, frames)
 
     def _emit_packet(self, host: str, port: int, frames: list[bytes]) -> None:
         data = encode_packet(frames, self.keyring)
@@ -474,7 +485,12 @@ class GossipCore:
 
     def _live_count(self) -> int:
         """Members not dead or left, ourselves included (memberlist's n)."""
-        return sum(1 for node in self._nodes.values() if node.state not in _GONE)
+        return self._live
+
+    def _set_state(self, node: _Node, state: MemberState) -> None:
+        """Change a member's state and stamp the time (the only place)."""
+        self._live += (state not in _GONE) - (node.state not in _GONE)
+        node.state, node.state_change_ms = state, self._now
 
     def _retransmit_limit(self) -> int:
         return retransmit_limit(self.config.retransmit_mult, self._live_count())
@@ -526,7 +542,14 @@ class GossipCore:
         self._probe = _Probe(seq, target.name, now + timeout, now + interval)
         self.stats.probes += 1
         me = self._self
-        self._send(target.host, target.port, Ping(seq, target.name, me.name, *_at(me)))
+        ping = Ping(seq, target.name, me.name, *_at(me))
+        if target.state == _SUSPECT:
+            # Lifeguard IV.C "buddy system": tell a suspect it is suspected,
+            # so it can refute even if the gossip missed it.
+            suspect = Suspect(target.incarnation, target.name, me.name)
+            self._send(target.host, target.port, ping, suspect)
+        else:
+            self._send(target.host, target.port, ping)
 
     def _next_probe_target(self) -> _Node | None:
         for _ in range(len(self._probe_order) + 1):
@@ -584,8 +607,14 @@ class GossipCore:
             delta = 1
         self._awareness.apply_delta(delta)
         node = self._nodes.get(probe.target)
-        if node is not None and node.state in (_ALIVE, _SUSPECT):
-            self._handle_suspect(Suspect(node.incarnation, node.name, self.name))
+        if node is None or node.state not in (_ALIVE, _SUSPECT):
+            return
+        suspect = Suspect(node.incarnation, node.name, self.name)
+        self._handle_suspect(suspect)
+        # Also tell the suspect directly (our extension of the buddy system):
+        # gossip alone can miss it while few members know it, e.g. just
+        # after it joined, and then nobody refutes in time.
+        self._send(node.host, node.port, suspect)
 
     def _tick_relays(self) -> None:
         now = self._now
@@ -758,6 +787,7 @@ class GossipCore:
     def _add_member(self, msg: Alive) -> None:
         node = _Node(msg.node, msg.host, msg.port, msg.incarnation, msg.meta, self._now)
         self._nodes[node.name] = node
+        self._live += 1
         self._names.append(node.name)
         # Random position, so a newcomer is probed within one round (4.3).
         slot = self._rng.randint(self._probe_index, len(self._probe_order))
@@ -774,7 +804,7 @@ class GossipCore:
         node.incarnation, node.meta = msg.incarnation, msg.meta
         node.host, node.port = msg.host, msg.port
         if old_state != _ALIVE:
-            node.state, node.state_change_ms = _ALIVE, self._now
+            self._set_state(node, _ALIVE)
         if old_state in _GONE:
             logger.info("member joined node=%s peer=%s", self.name, node.name)
             self._emit(EventKind.JOIN, node)
@@ -794,7 +824,10 @@ class GossipCore:
 
     def _handle_suspect(self, msg: Suspect) -> None:
         node = self._nodes.get(msg.node)
-        if node is None or msg.incarnation < node.incarnation:
+        if node is None:
+            return
+        if msg.incarnation < node.incarnation:
+            self._correct_stale(node)
             return
         timer = self._suspicions.get(msg.node)
         if timer is not None:
@@ -813,8 +846,8 @@ class GossipCore:
     def _start_suspicion(self, node: _Node, msg: Suspect) -> None:
         cfg = self.config
         self._broadcast(node.name, msg)
-        node.incarnation, node.state = msg.incarnation, _SUSPECT
-        node.state_change_ms = self._now
+        node.incarnation = msg.incarnation
+        self._set_state(node, _SUSPECT)
         n = self._live_count()
         k = expected_confirmations(cfg.suspicion_mult, n)
         low = suspicion_timeout_ms(cfg.suspicion_mult, n, cfg.probe_interval_ms)
@@ -827,7 +860,10 @@ class GossipCore:
 
     def _handle_dead(self, msg: Dead) -> None:
         node = self._nodes.get(msg.node)
-        if node is None or msg.incarnation < node.incarnation:
+        if node is None:
+            return
+        if msg.incarnation < node.incarnation:
+            self._correct_stale(node)
             return
         self._suspicions.pop(msg.node, None)
         if node.state in _GONE:
@@ -836,14 +872,30 @@ class GossipCore:
             self._refute(msg.incarnation)
             return
         self._broadcast(msg.node, msg)
-        node.incarnation, node.state_change_ms = msg.incarnation, self._now
+        node.incarnation = msg.incarnation
         left = msg.sender == msg.node
-        node.state = _LEFT if left else _DEAD
+        self._set_state(node, _LEFT if left else _DEAD)
         if node is self._self:
             return
         verb = "left" if left else "failed"
         logger.info("member %s node=%s peer=%s", verb, self.name, node.name)
         self._emit(EventKind.LEAVE if left else EventKind.FAILED, node)
+
+    def _correct_stale(self, node: _Node) -> None:
+        """Answer a stale suspect/dead rumour with the newer alive we hold.
+
+        Not in SWIM or memberlist: a member that missed a refutation while
+        the epidemic ran keeps gossiping the old suspicion and would declare
+        a live member dead. Whoever receives that stale rumour sends the
+        alive message straight back to the packet's source, so the laggard
+        is corrected within one gossip hop instead of at the next push-pull.
+        """
+        # Limitation: unrate-limited; without encryption a spoofed source
+        # can make us send one alive datagram per stale rumour it forges.
+        if self._src is None or node.state != _ALIVE:
+            return
+        alive = Alive(node.incarnation, node.name, node.host, node.port, node.meta)
+        self._send(self._src[0], self._src[1], alive)
 
     def _refute(self, accused: int) -> None:
         """Override a suspicion or death claim about ourselves (SWIM 4.2)."""
