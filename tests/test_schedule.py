@@ -614,6 +614,22 @@ def test_start_inside_the_first_copy_still_sees_the_second() -> None:
     ]
 
 
+def test_start_exactly_at_a_wall_time_that_repeats() -> None:
+    assert fires("0 0 * * * *", "2023-10-29T02:00:00+02:00", 2, BERLIN) == [
+        "2023-10-29T02:00:00+01:00",
+        "2023-10-29T03:00:00+01:00",
+    ]
+
+
+def test_every_second_across_the_fall_back_is_fast() -> None:
+    schedule = parse_schedule("* * * * * *", BERLIN)
+    start = datetime.fromisoformat("2023-10-29T02:59:59+02:00")
+    began = time.perf_counter()
+    got = schedule.next_after(start)
+    assert time.perf_counter() - began < 0.05
+    assert got is not None and got.isoformat() == "2023-10-29T02:00:00+01:00"
+
+
 def test_start_inside_the_second_copy() -> None:
     assert fires("0 10 * * * *", "2023-10-29T02:30:00+01:00", 1, BERLIN) == [
         "2023-10-29T03:10:00+01:00"

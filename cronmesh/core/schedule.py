@@ -562,34 +562,50 @@ class _CronSchedule:
     def next_after(self, after: datetime) -> datetime | None:
         """First fire instant strictly after ``after``; see ``Schedule``."""
         now = _require_aware(after)
-        wall = now.replace(tzinfo=None) + self._lowest_offset(now)
-        best: datetime | None = None
-        while (wall_next := self._next_wall(wall)) is not None:
-            wall = wall_next
-            instants, skip_to = self._instants(wall)
-            if skip_to is not None:
-                wall = skip_to
-            if not instants:
-                continue
-            # Wall order maps to instant order except inside a repeated
-            # stretch, so stop once no later wall time can beat ``best``.
-            if best is not None and instants[0] >= best:
-                break
-            later = [instant for instant in instants if instant > now]
-            if later:
-                best = later[0] if best is None else min(best, later[0])
-            if instants[0] > now:
-                break
+        offset = now.astimezone(self.zone).utcoffset()
+        assert offset is not None
+        wall = now.replace(tzinfo=None) + offset
+        best = self._first_from(wall, now)
+        repeat = self._repeated_before(wall, now, offset)
+        if repeat is not None and (best is None or repeat < best):
+            best = repeat
         return None if best is None else best.astimezone(self.zone)
 
-    def _lowest_offset(self, now: datetime) -> timedelta:
-        # Start the wall-clock search at the lowest offset about to apply: if
-        # the clocks go back soon, wall times before ``now``'s own wall time
-        # come round again, later on the time line.
-        current = now.astimezone(self.zone).utcoffset()
+    def _first_from(self, wall: datetime, now: datetime) -> datetime | None:
+        """The first instant after ``now`` of a matching wall time after ``wall``.
+
+        Past ``now``'s wall time, the earliest valid instant of each wall time
+        grows with the wall time, so the first wall time with one wins.
+        """
+        while (found := self._next_wall(wall)) is not None:
+            instants, skip_to = self._instants(found)
+            for instant in instants:
+                if instant > now:
+                    return instant
+            wall = found if skip_to is None else skip_to
+        return None
+
+    def _repeated_before(
+        self, wall: datetime, now: datetime, offset: timedelta
+    ) -> datetime | None:
+        """A wildcard job's second copy of a wall time earlier than ``wall``.
+
+        When the clocks go back within the probe window, the wall times from
+        the start of the repeated stretch up to ``now``'s own come round again
+        after ``now``; ``_first_from`` never looks behind ``wall``.
+        """
+        if self.fields.fixed:
+            return None
         ahead = (now + _FOLD_PROBE).astimezone(self.zone).utcoffset()
-        assert current is not None and ahead is not None
-        return min(current, ahead)
+        assert ahead is not None
+        if ahead >= offset:
+            return None
+        jump = _transition(self.zone, now, now + _FOLD_PROBE)
+        repeat_from = (jump + ahead).replace(tzinfo=None)
+        found = self._next_wall(repeat_from - _ONE_SECOND)
+        if found is None or found > wall:  # later ones: _first_from's job
+            return None
+        return found.replace(tzinfo=UTC) - ahead
 
     def _instants(self, wall: datetime) -> tuple[list[datetime], datetime | None]:
         """Map a matching wall time onto UTC instants (the DST rule).
