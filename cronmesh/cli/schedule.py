@@ -110,7 +110,7 @@ def _print_table(expr: str, zone: str, fires: list[datetime], now: datetime) -> 
 
 def _relative(delta: timedelta) -> str:
     """A rough human distance such as ``in 2d 3h`` or ``5min ago``."""
-    seconds = int(abs(delta.total_seconds()))
+    seconds = round(abs(delta.total_seconds()))
     units = (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
     parts = []
     for name, size in units:

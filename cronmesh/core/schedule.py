@@ -49,9 +49,14 @@ mixed with other weekdays and loses months around ``L``, so ``L``, ``W``,
 ``#`` and ``dL`` never reach it; and its aware-datetime search runs a fixed
 job twice in a repeated hour, so the search and the DST mapping are ours.
 
-Limitation: transitions are found by probing offsets 3 hours ahead, so a zone
-that moves its clock back by more than 3 hours at once (historical date-line
-moves) can lose fires of the repeated stretch. No zone does that today.
+The search starts at ``now``'s own wall time. Past it, the earliest valid
+instant of each wall time grows with the wall time, so the first hit wins. The
+one exception is a repeated stretch that has begun but whose second copy is
+still ahead: ``_repeated_before`` looks behind for that wildcard copy.
+
+Limitation: a coming repeated stretch is found by probing the offset 3 hours
+ahead, so a zone that moves its clock back by more than 3 hours at once (old
+date-line moves) can lose wildcard fires in it. No zone does that today.
 
 The objects are immutable and hold no per-job state. ``@after``'s catch-up
 fire is the one place where that matters: see ``_AfterSchedule``.
@@ -402,6 +407,7 @@ class _CronFields:
 
 
 def _parse_cron_fields(text: str, job_name: str) -> _CronFields:
+    """Parse five or six cron fields into value sets and day rules."""
     fields = text.upper().split()
     if len(fields) == 5:
         fields = ["0", *fields]  # classic cron: fire at second 0
@@ -424,12 +430,12 @@ def _parse_cron_fields(text: str, job_name: str) -> _CronFields:
         dow_plain,
     ]
     values = _expand_plain(plain)
-    # Unlike vixie's DOM_STAR test, "*/2" counts as restricted here.
     days = _DaySpec(
         dom=frozenset(values[3]),
         dom_last=dom_last,
         dom_weekday=dom_weekday,
         dom_last_weekday=dom_last_weekday,
+        # Unlike vixie's DOM_STAR test, "*/2" counts as restricted here.
         dom_restricted=fields[3] not in ("*", "?"),
         dow=frozenset(values[5]),
         dow_nth=dow_nth,
