@@ -75,8 +75,9 @@ def follow(http: httpx.Client, proc: subprocess.Popen[bytes]) -> None:
     seen: set[str] = set()
     while proc.poll() is None:
         for job in http.get("/v1/jobs").json():
-            response = http.get(f"/v1/jobs/{job['name']}/executions",
-                                params={"_end": "20"})
+            response = http.get(
+                f"/v1/jobs/{job['name']}/executions", params={"_end": "20"}
+            )
             if response.status_code != 200:
                 continue
             for execution in reversed(response.json()):
@@ -94,10 +95,25 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="cronmesh-demo-")
     port = pick_port(args.port)
-    cmd = [sys.executable, "-m", "cronmesh", "agent", "--server", "--node-name", "demo",
-           "--data-dir", data_dir, "--http-addr", f"127.0.0.1:{port}",
-           "--bind-addr", "127.0.0.1:8946", "--log-level", "warning",
-           "--shutdown-grace", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cronmesh",
+        "agent",
+        "--server",
+        "--node-name",
+        "demo",
+        "--data-dir",
+        data_dir,
+        "--http-addr",
+        f"127.0.0.1:{port}",
+        "--bind-addr",
+        "127.0.0.1:8946",
+        "--log-level",
+        "warning",
+        "--shutdown-grace",
+        "5",
+    ]
     # A session of its own: Ctrl-C reaches this script, which stops the
     # agent with SIGTERM, the way systemd would.
     proc = subprocess.Popen(cmd, start_new_session=True)

@@ -16,10 +16,11 @@ later than the last one committed, so a clock moved backwards can never run
 one instant twice.
 
 Missed fires. When the next instant is already past (the agent was down,
-the clock jumped forward, the loop was late), the latest missed instant
-within `catch_up` seconds runs once, late; older ones are skipped and
-counted in `missed`. No burst of catch-up runs, and no job left stranded
-however long the outage (compare Kubernetes' "too many missed start times").
+the clock jumped forward, the loop was late), each missed instant within
+`catch_up` seconds runs once, late; older ones are skipped and counted in
+`missed`. So a catch-up burst is bounded by the window, and no job is left
+stranded however long the outage (compare Kubernetes' "too many missed start
+times").
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ log = logging.getLogger("cronmesh.scheduler")
 MAX_SLEEP = 5.0
 JUMP_THRESHOLD = 2.0
 DEFAULT_CATCH_UP = 60.0
-# A job's schedule is walked at most this many steps to find the latest
-# missed instant; a schedule firing more often than that inside the catch-up
-# window just runs its latest instant found so far.
+# Missed instants older than the window are counted one by one up to this
+# many; past that the count is a lower bound.
 MAX_CATCH_UP_STEPS = 10_000
 
 
@@ -59,14 +59,6 @@ class _Entry:
     next_fire: datetime | None
     generation: int
     one_shot: bool
-
-
-def is_one_shot(expr: str) -> bool:
-    """`@at` and `@after` run once in the life of a job."""
-    words = expr.split()
-    while words and words[0].startswith(("TZ=", "CRON_TZ=")):
-        words = words[1:]
-    return bool(words) and words[0] in ("@at", "@after")
 
 
 class Scheduler:
@@ -145,7 +137,7 @@ class Scheduler:
             log.warning("unschedulable job job=%s error=%s", job.name, exc)
             return
         last = self.store.last_fire(job.name)
-        one_shot = is_one_shot(job.schedule)
+        one_shot = bool(getattr(schedule, "once", False))
         if one_shot and last is not None:
             return
         generation = old.generation + 1 if old else 0
@@ -173,23 +165,20 @@ class Scheduler:
     def _catch_up(
         self, schedule: Schedule, first: datetime, now: datetime
     ) -> datetime | None:
-        """The instant to fire when `first` is already past: the latest missed
-        one within the catch-up window, else the next one to come."""
+        """The instant to fire next when `first` is already past.
+
+        Missed instants within the catch-up window each run once, late;
+        older ones are skipped and counted in `missed`.
+        """
         window_start = now - timedelta(seconds=self.catch_up)
-        latest: datetime | None = first
-        if first < window_start:
-            self.missed += 1
-            latest = schedule.next_after(window_start)
-            if latest is None or latest > now:
-                return latest
-        assert latest is not None
+        nxt: datetime | None = first
         for _ in range(MAX_CATCH_UP_STEPS):
-            step = schedule.next_after(latest)
-            if step is None or step > now:
-                break
+            if nxt is None or nxt >= window_start:
+                return nxt
             self.missed += 1
-            latest = step
-        return latest
+            nxt = schedule.next_after(nxt)
+        # Too many to count one by one: jump to the window.
+        return schedule.next_after(window_start)
 
     # -- the task
     async def _loop(self) -> None:

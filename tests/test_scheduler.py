@@ -1,0 +1,147 @@
+"""Scheduler timing rules with a fake wall clock, and the state machine's guards."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cronmesh.core.fsm import StateMachine, encode_command
+from cronmesh.core.model import Execution, format_time
+from cronmesh.core.scheduler import Scheduler
+from cronmesh.storage.env import DataDir
+from cronmesh.storage.state import StateStore
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class FakeDispatcher:
+    def __init__(self) -> None:
+        self.fires: list[tuple[str, datetime]] = []
+
+    async def fire(self, name: str, *, fire_at: datetime, trigger: str) -> None:
+        self.fires.append((name, fire_at))
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.data = DataDir(tmp / "data")
+        self.store = StateStore(self.data)
+        self.fsm = StateMachine(self.store)
+        self.index = 0
+        self.now = T0
+        self.dispatcher = FakeDispatcher()
+        self.scheduler = Scheduler(
+            self.store,
+            self.dispatcher,  # type: ignore[arg-type]
+            catch_up=60,
+            wall=lambda: self.now.timestamp(),
+        )
+
+    def apply(self, op: str, **fields: Any) -> Any:
+        self.index += 1
+        return self.fsm.apply_batch([(self.index, encode_command(op, **fields))])[0]
+
+    def add_job(self, name: str, schedule: str) -> None:
+        job = {
+            "name": name,
+            "schedule": schedule,
+            "executor": "shell",
+            "executor_config": {"command": "true"},
+        }
+        assert self.apply("set_job", job=job).ok
+
+    def record_fire(self, name: str, fire: datetime) -> Any:
+        execution = Execution(
+            job_name=name,
+            started_at=fire,
+            node_name="n",
+            group=1,
+            scheduled_at=fire,
+            finished_at=fire,
+            success=True,
+        )
+        return self.apply(
+            "execution_started", execution=execution.to_json(), fire=format_time(fire)
+        )
+
+    def run_due(self) -> list[datetime]:
+        async def go() -> None:
+            self.scheduler._fire_due(self.now.timestamp())
+            await asyncio.sleep(0)
+
+        before = len(self.dispatcher.fires)
+        asyncio.run(go())
+        return [f for _, f in self.dispatcher.fires[before:]]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def test_missed_fires_within_the_window_run_once_each(world: World) -> None:
+    world.add_job("every10", "@every 10s")
+    world.record_fire("every10", T0)
+    world.now = T0 + timedelta(seconds=35)  # the agent was down 35 s
+    world.scheduler._load(world.store.get_job("every10"))  # type: ignore[arg-type]
+    fired = world.run_due()
+    assert fired == [T0 + timedelta(seconds=s) for s in (10, 20, 30)]
+    assert world.scheduler.next_fire("every10") == T0 + timedelta(seconds=40)
+    assert world.scheduler.missed == 0
+
+
+def test_J14_long_outage_skips_old_fires_and_resumes(world: World) -> None:
+    world.add_job("minutely", "0 * * * * *")
+    world.record_fire("minutely", T0)
+    world.now = T0 + timedelta(minutes=110, seconds=30)
+    world.scheduler._load(world.store.get_job("minutely"))  # type: ignore[arg-type]
+    fired = world.run_due()
+    assert fired == [T0 + timedelta(minutes=110)], "one catch-up run at most"
+    assert world.scheduler.missed == 109
+    assert world.scheduler.next_fire("minutely") == T0 + timedelta(minutes=111)
+
+
+def test_a_fire_instant_is_committed_once(world: World) -> None:
+    world.add_job("j", "@every 1s")
+    assert world.record_fire("j", T0).ok
+    again = world.record_fire("j", T0)
+    assert again.code == 409
+    earlier = world.record_fire("j", T0 - timedelta(seconds=5))
+    assert earlier.code == 409
+    assert len(world.store.executions("j")) == 1
+
+
+def test_clock_jumping_back_never_refires_an_instant(world: World) -> None:
+    world.add_job("j", "0 0 * * * *")
+    world.record_fire("j", T0)
+    world.now = T0 - timedelta(hours=3)
+    world.scheduler._clock_jumped(-3 * 3600.0)
+    assert world.scheduler.next_fire("j") == T0 + timedelta(hours=1)
+    assert world.run_due() == []
+
+
+def test_editing_a_job_replaces_its_heap_entry(world: World) -> None:
+    world.add_job("j", "@every 5s")
+    world.scheduler._load(world.store.get_job("j"))  # type: ignore[arg-type]
+    job = world.store.get_job("j")
+    assert job is not None
+    job.schedule = "@every 60s"
+    world.scheduler._load(job, changed=True)
+    world.now = T0 + timedelta(seconds=5)
+    assert world.run_due() == []
+    world.now = T0 + timedelta(seconds=60)
+    assert world.run_due() == [T0 + timedelta(seconds=60)]
+
+
+def test_one_shot_job_with_a_committed_fire_is_not_scheduled(world: World) -> None:
+    at = T0 + timedelta(seconds=10)
+    world.add_job("once", f"@at {format_time(at)}")
+    world.scheduler._load(world.store.get_job("once"))  # type: ignore[arg-type]
+    assert world.scheduler.next_fire("once") == at
+    world.record_fire("once", at)
+    world.scheduler._load(world.store.get_job("once"))  # type: ignore[arg-type]
+    assert world.scheduler.next_fire("once") is None
