@@ -899,6 +899,11 @@ class GossipCore:
 
     def _refute(self, accused: int) -> None:
         """Override a suspicion or death claim about ourselves (SWIM 4.2)."""
+        if accused >= _U32_MAX:
+            # No incarnation can beat it; only a broken or hostile peer
+            # sends this, so drop it rather than wrap around.
+            self._drop("claim", self._src, DecodeError("incarnation at u32 max"))
+            return
         self._bump_incarnation(max(self._self.incarnation, accused) + 1)
         self.stats.refutes += 1
         # Lifeguard IV.A: being suspected hints that we are the slow one.

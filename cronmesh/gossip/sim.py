@@ -42,6 +42,7 @@ __all__ = [
     "detection_bound_ms",
     "run_crash_scenario",
     "run_join_scenario",
+    "run_leave_scenario",
     "run_loss_scenario",
     "run_partition_scenario",
 ]
@@ -473,6 +474,34 @@ def run_join_scenario(
     ok = not missing and knows_all
     detail = f"via {seed_name}; missing={missing[:5]} joiner_knows_all={knows_all}"
     return ScenarioResult("join", seed, ok, detail, times)
+
+
+def run_leave_scenario(
+    n: int, seed: int, config: GossipConfig | None = None
+) -> ScenarioResult:
+    """A member leaves: all others report LEAVE (never FAILED) within the
+    dissemination allowance of :func:`detection_bound_ms` plus one period."""
+    sim = Simulator(seed=seed, config=config)
+    sim.start_cluster(n)
+    sim.run_until(sim.now + sim._rng.randrange(5_000))
+    leaver = f"m{sim._rng.randrange(n)}"
+    left_at = sim.now
+    sim.leave(leaver)
+    cfg = sim.config
+    spread = 2 * retransmit_limit(cfg.retransmit_mult, n) * cfg.gossip_interval_ms
+    bound = spread + cfg.probe_interval_ms
+    sim.run_until(left_at + bound + 60_000)
+    times, late = [], []
+    for node in sim.live():
+        when = sim.first_observation(EventKind.LEAVE, leaver, node.name, left_at)
+        if when is None or when - left_at > bound:
+            late.append(node.name)
+        else:
+            times.append(when - left_at)
+    failed = [o for o in sim.observations if o.subject == leaver and o.kind == "failed"]
+    ok = not late and not failed and not sim.false_failures()
+    detail = f"{leaver} left@{left_at} late={late[:5]} failed={len(failed)}"
+    return ScenarioResult("leave", seed, ok, detail, times)
 
 
 def run_partition_scenario(
