@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from cronmesh.errors import ValidationError
 from cronmesh.gossip.keyring import NONCE_SIZE, TAG_SIZE, DecodeError, Keyring
@@ -53,6 +54,9 @@ __all__ = [
 ]
 
 MAX_MESSAGES_PER_PACKET = 255
+# Limitation: the envelope version is the only version on the wire; there
+# is no per-member protocol range as memberlist has, so a v2 must stay
+# decodable by v1 (append fields, new message types) or need a full restart.
 _PLAIN, _SEALED = 0x01, 0x02
 _KIND_PACKET, _KIND_STREAM = 1, 2
 _SEALED_AAD = bytes((_SEALED,))
@@ -80,55 +84,78 @@ def _blob(value: bytes) -> bytes:
     return _U16.pack(len(value)) + value
 
 
+def _write_ping(msg: Ping) -> bytes:
+    return b"".join(
+        (
+            _U32.pack(msg.seq),
+            _text(msg.target),
+            _text(msg.source),
+            _text(msg.host),
+            _U16.pack(msg.port),
+        )
+    )
+
+
+def _write_indirect(msg: IndirectPing) -> bytes:
+    return b"".join(
+        (
+            _U32.pack(msg.seq),
+            _text(msg.target),
+            _text(msg.target_host),
+            _U16.pack(msg.target_port),
+            bytes((int(msg.nack),)),
+            _text(msg.source),
+            _text(msg.host),
+            _U16.pack(msg.port),
+        )
+    )
+
+
+def _write_seq(msg: Ack | Nack) -> bytes:
+    return _U32.pack(msg.seq)
+
+
+def _write_alive(msg: Alive) -> bytes:
+    return b"".join(
+        (
+            _U32.pack(msg.incarnation),
+            _text(msg.node),
+            _text(msg.host),
+            _U16.pack(msg.port),
+            _blob(msg.meta),
+        )
+    )
+
+
+def _write_accusation(msg: Suspect | Dead) -> bytes:
+    return _U32.pack(msg.incarnation) + _text(msg.node) + _text(msg.sender)
+
+
+def _write_push_pull(msg: PushPull) -> bytes:
+    parts = [bytes((int(msg.join),)), _U32.pack(len(msg.members))]
+    parts += [_record(rec) for rec in msg.members]
+    return b"".join(parts)
+
+
+_WRITERS: dict[type, tuple[int, Callable[[Any], bytes]]] = {
+    Ping: (_T_PING, _write_ping),
+    IndirectPing: (_T_INDIRECT, _write_indirect),
+    Ack: (_T_ACK, _write_seq),
+    Nack: (_T_NACK, _write_seq),
+    Alive: (_T_ALIVE, _write_alive),
+    Suspect: (_T_SUSPECT, _write_accusation),
+    Dead: (_T_DEAD, _write_accusation),
+    PushPull: (_T_PUSH_PULL, _write_push_pull),
+}
+
+
 def _body(msg: Message) -> tuple[int, bytes]:
     """Return (type code, body bytes) for one message."""
-    match msg:
-        case Ping():
-            return _T_PING, b"".join(
-                (
-                    _U32.pack(msg.seq),
-                    _text(msg.target),
-                    _text(msg.source),
-                    _text(msg.host),
-                    _U16.pack(msg.port),
-                )
-            )
-        case IndirectPing():
-            return _T_INDIRECT, b"".join(
-                (
-                    _U32.pack(msg.seq),
-                    _text(msg.target),
-                    _text(msg.target_host),
-                    _U16.pack(msg.target_port),
-                    bytes((int(msg.nack),)),
-                    _text(msg.source),
-                    _text(msg.host),
-                    _U16.pack(msg.port),
-                )
-            )
-        case Ack():
-            return _T_ACK, _U32.pack(msg.seq)
-        case Nack():
-            return _T_NACK, _U32.pack(msg.seq)
-        case Alive():
-            return _T_ALIVE, b"".join(
-                (
-                    _U32.pack(msg.incarnation),
-                    _text(msg.node),
-                    _text(msg.host),
-                    _U16.pack(msg.port),
-                    _blob(msg.meta),
-                )
-            )
-        case Suspect() | Dead():
-            code = _T_SUSPECT if isinstance(msg, Suspect) else _T_DEAD
-            inc = _U32.pack(msg.incarnation)
-            return code, inc + _text(msg.node) + _text(msg.sender)
-        case PushPull():
-            parts = [bytes((int(msg.join),)), _U32.pack(len(msg.members))]
-            parts += [_record(rec) for rec in msg.members]
-            return _T_PUSH_PULL, b"".join(parts)
-    raise TypeError(f"not a gossip message: {msg!r}")
+    try:
+        code, write = _WRITERS[type(msg)]
+    except KeyError:
+        raise TypeError(f"not a gossip message: {msg!r}") from None
+    return code, write(msg)
 
 
 def _record(rec: MemberRecord) -> bytes:
@@ -312,6 +339,10 @@ _READERS: dict[int, Callable[[_Reader], Message]] = {
 
 def _open(data: bytes, keyring: Keyring | None) -> bytes:
     """Strip the envelope; return the frame."""
+    # Limitation: no replay protection; a captured sealed packet decrypts
+    # again later (incarnation ordering makes replayed claims mostly stale).
+    # Limitation: no plaintext grace mode, so turning encryption on in a
+    # running cluster needs every member restarted with the key at once.
     if not data:
         raise DecodeError("empty payload")
     if data[0] == _PLAIN:
@@ -331,17 +362,21 @@ def _read_frame(frame: bytes, kind: int) -> list[Message]:
         raise DecodeError(f"frame kind {frame[0]} where {kind} was expected")
     count = r.u8()
     messages: list[Message] = []
+    frame_end = r.end
     for _ in range(count):
         code = r.u8()
         length = r.u16() if kind == _KIND_PACKET else r.u32()
         end = r.pos + length
-        if end > r.end:
+        if end > frame_end:
             raise DecodeError(f"message of {length} bytes overruns the frame")
         reader = _READERS.get(code)
         if reader is not None and not (kind == _KIND_PACKET and code == _T_PUSH_PULL):
-            messages.append(reader(_Reader(frame, r.pos, end)))
+            # Read the body with the cursor fenced at the message's end.
+            r.end = end
+            messages.append(reader(r))
+            r.end = frame_end
         r.pos = end
-    if r.pos != r.end:
+    if r.pos != frame_end:
         raise DecodeError(f"{r.end - r.pos} stray bytes after the last message")
     return messages
 
@@ -356,6 +391,8 @@ def decode_packet(data: bytes, keyring: Keyring | None) -> list[Message]:
     return _read_frame(_open(bytes(data), keyring), _KIND_PACKET)
 
 
+# Limitation: a stream is decoded whole; the driver must cap its size
+# (a hostile peer could otherwise send a huge push-pull state).
 def decode_stream(data: bytes, keyring: Keyring | None) -> Message:
     """Decode a stream payload made by :func:`encode_stream`.
 

@@ -283,18 +283,19 @@ class GossipCore:
 
     def next_deadline_ms(self) -> int:
         """Earliest driver time at which ``tick`` has work to do."""
-        deadlines = [self._next_probe_ms, self._next_reconnect_ms, self._next_reap_ms]
+        due = min(self._next_probe_ms, self._next_reconnect_ms, self._next_reap_ms)
         if self.config.push_pull_interval_ms:
-            deadlines.append(self._next_push_pull_ms)
+            due = min(due, self._next_push_pull_ms)
         if self._broadcasts:
-            deadlines.append(max(self._next_gossip_ms, self._now))
-        if self._probe is not None:
-            probe = self._probe
-            deadlines.append(probe.end_ms if probe.indirect else probe.ack_deadline_ms)
+            due = min(due, max(self._next_gossip_ms, self._now))
+        probe = self._probe
+        if probe is not None:
+            due = min(due, probe.end_ms if probe.indirect else probe.ack_deadline_ms)
         for relay in self._relays.values():
-            deadlines.append(relay.nack_at_ms or relay.expires_ms)
-        deadlines += [s.deadline_ms for s in self._suspicions.values()]
-        return min(deadlines)
+            due = min(due, relay.nack_at_ms or relay.expires_ms)
+        for timer in self._suspicions.values():
+            due = min(due, timer.deadline_ms)
+        return due
 
     # --- inputs ---------------------------------------------------------
 
@@ -485,6 +486,8 @@ class GossipCore:
 
     def _live_count(self) -> int:
         """Members not dead or left, ourselves included (memberlist's n)."""
+        # Limitation: memberlist also counts recently dead members, so after
+        # a mass failure our suspicion timeouts are a little shorter.
         return self._live
 
     def _set_state(self, node: _Node, state: MemberState) -> None:
@@ -770,8 +773,12 @@ class GossipCore:
             self._add_member(msg)
             return
         moved = msg.host != node.host or msg.port != node.port
+        # Limitation: a dead or left member's name can move to a new address
+        # at once (memberlist waits DeadNodeReclaimTime before allowing it).
         if moved and node.state not in _GONE:
             # Two live members claim one name: keep the one we know.
+            # Limitation: the application is not told about the conflict
+            # (memberlist has a conflict delegate); it only shows in logs.
             logger.debug(
                 "address conflict node=%s peer=%s addr=%s:%d",
                 self.name,

@@ -62,6 +62,9 @@ class EventKind(enum.StrEnum):
 class MemberEvent:
     """One membership change, about another member (never ourselves)."""
 
+    # Limitation: no event for the local member (serf reports its own join);
+    # the agent reads ``GossipCore.local_member`` instead.
+
     kind: EventKind
     member: Member
 

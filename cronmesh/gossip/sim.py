@@ -154,6 +154,8 @@ class Simulator:
     def _stop_left(self, name: str) -> None:
         self.nodes[name].up = False
 
+    # Limitation: partitions are symmetric and total; one-way loss and
+    # flapping links are not modelled, nor TCP congestion beyond fixed RTOs.
     def partition(self, *groups: set[str]) -> None:
         """Split the network; members in no group form one more group."""
         self._groups = {name: i + 1 for i, g in enumerate(groups) for name in g}

@@ -45,6 +45,8 @@ def expected_confirmations(suspicion_mult: int, n: int) -> int:
     ``suspicion_mult - 2``; 0 when fewer than that many members besides us and
     the suspect exist (``n - 2 < k``), which means "use the minimum at once".
     """
+    # memberlist's rule, not a cap at n - 2: with 3 members (lan) a single
+    # confirmation would only shave the maximum, so the minimum is used.
     k = suspicion_mult - 2
     return 0 if n - 2 < k else max(k, 0)
 
