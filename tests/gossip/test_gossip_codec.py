@@ -164,6 +164,27 @@ def test_fuzz_mutated_valid_packets(
     _decode_any(bytes(data[: cut % (len(data) + 1)]), None)
 
 
+_SEALED = [encode_packet([encode_message(m) for m in SAMPLES], KEY_A)]
+_SEALED.append(encode_stream(PUSH_PULL, KEY_A))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(_SEALED),
+    st.integers(0, 10_000),
+    st.integers(1, 255),
+    st.integers(0, 10_000),
+)
+def test_fuzz_mutated_sealed_packets(base: bytes, pos: int, xor: int, cut: int) -> None:
+    data = bytearray(base)
+    data[pos % len(data)] ^= xor  # any flipped bit breaks the GCM tag
+    with pytest.raises(DecodeError):
+        decode_packet(bytes(data), KEY_A)
+    with pytest.raises(DecodeError):
+        decode_stream(bytes(data), KEY_A)
+    _decode_any(bytes(base[: cut % len(base)]), KEY_A)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(SAMPLES), min_size=1, max_size=20), st.booleans())
 def test_fuzz_wrong_key(messages: list[Message], truncate: bool) -> None:
