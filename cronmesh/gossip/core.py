@@ -205,11 +205,7 @@ class GossipCore:
                 outside 0..65535 or tags over 512 bytes encoded.
         """
         self.config = config.validate()
-        for label, text in (("name", name), ("host", host)):
-            if not 0 < len(text.encode()) < 256:
-                raise ValidationError(f"gossip {label} must be 1..255 bytes", label)
-        if not 0 <= port <= 0xFFFF:
-            raise ValidationError("gossip port must be in 0..65535", "port")
+        _check_identity(name, host, port)
         self.name = name
         self.keyring = keyring
         self.stats = GossipStats()
@@ -410,8 +406,8 @@ class GossipCore:
         if self._leaving:
             raise ValidationError("cannot change tags after leaving", "tags")
         self._begin(now_ms)
-        self._self.meta = meta
         self._bump_incarnation(self._self.incarnation + 1)
+        self._self.meta = meta
         self._broadcast(self.name, self._alive_message())
         return self._finish()
 
@@ -941,6 +937,14 @@ class GossipCore:
         Suspect: _handle_suspect,
         Dead: _handle_dead,
     }  # type: ignore[dict-item]
+
+
+def _check_identity(name: str, host: str, port: int) -> None:
+    for label, text in (("name", name), ("host", host)):
+        if not 0 < len(text.encode()) < 256:
+            raise ValidationError(f"gossip {label} must be 1..255 bytes", label)
+    if not 0 <= port <= 0xFFFF:
+        raise ValidationError("gossip port must be in 0..65535", "port")
 
 
 def _at(node: _Node) -> tuple[str, int]:
