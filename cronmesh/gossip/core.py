@@ -784,6 +784,8 @@ class GossipCore:
             )
             return
         if msg.incarnation <= node.incarnation and not moved:
+            if node.state == _LEFT:
+                self._correct_stale(node)
             return
         self._revive(node, msg)
 
@@ -840,6 +842,8 @@ class GossipCore:
                 self._broadcast(msg.node, msg)
             return
         if node.state != _ALIVE:
+            if node.state == _LEFT:
+                self._correct_stale(node)
             return
         if node is self._self:
             self._refute(msg.incarnation)
@@ -885,20 +889,29 @@ class GossipCore:
         self._emit(EventKind.LEAVE if left else EventKind.FAILED, node)
 
     def _correct_stale(self, node: _Node) -> None:
-        """Answer a stale suspect/dead rumour with the newer alive we hold.
+        """Answer a stale rumour with the newer news we hold about ``node``.
 
         Not in SWIM or memberlist: a member that missed a refutation while
         the epidemic ran keeps gossiping the old suspicion and would declare
-        a live member dead. Whoever receives that stale rumour sends the
-        alive message straight back to the packet's source, so the laggard
-        is corrected within one gossip hop instead of at the next push-pull.
+        a live member dead; one that missed a leave would suspect the
+        departed member and report it failed. Whoever receives such a stale
+        rumour sends its alive (or left) message straight back to the
+        packet's source, so the laggard is corrected within one gossip hop
+        instead of at the next push-pull.
         """
         # Limitation: unrate-limited; without encryption a spoofed source
-        # can make us send one alive datagram per stale rumour it forges.
-        if self._src is None or node.state != _ALIVE:
+        # can make us send one datagram per stale rumour it forges.
+        if self._src is None:
             return
-        alive = Alive(node.incarnation, node.name, node.host, node.port, node.meta)
-        self._send(self._src[0], self._src[1], alive)
+        if node.state == _ALIVE:
+            news: Message = Alive(
+                node.incarnation, node.name, node.host, node.port, node.meta
+            )
+        elif node.state == _LEFT:
+            news = Dead(node.incarnation, node.name, node.name)
+        else:
+            return
+        self._send(self._src[0], self._src[1], news)
 
     def _refute(self, accused: int) -> None:
         """Override a suspicion or death claim about ourselves (SWIM 4.2)."""
