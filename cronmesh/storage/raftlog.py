@@ -97,6 +97,7 @@ DEFAULT_GC_CHUNK = 4096  # compacted keys deleted per write transaction
 SNAPSHOTS_KEPT = 2
 # A failed commit with less free space than this is reported as "disk full":
 # LMDB turns a short write (what ENOSPC usually looks like) into EIO.
+# Limitation: a heuristic; a real EIO on a nearly full disk is called "full".
 _FULL_MARGIN = 4 << 20
 
 T = TypeVar("T")
@@ -183,6 +184,7 @@ class _LogState:
     garbage: bool = False  # keys below ``first`` may remain in the table
 
     def copy(self) -> _LogState:
+        # Limitation: O(term_cache) per write txn (~10 us at 4096); cheap enough.
         return _LogState(self.first, self.last, list(self.terms), self.garbage)
 
 
@@ -332,6 +334,8 @@ class LmdbLogStore:
                 raise InvariantViolation(
                     f"raft: truncate at {truncate_from} below first {st.first}"
                 )
+            # Limitation: the dropped suffix is deleted in this one txn, unbounded
+            # (it must be atomic with the append); uncommitted suffixes are short.
             with txn.cursor(db=self._log_db) as cur:
                 if cur.set_range(_key(truncate_from)):
                     while cur.delete():
@@ -365,6 +369,8 @@ class LmdbLogStore:
         st.garbage = True
 
     def _stage_gc(self, txn: lmdb.Transaction, st: _LogState) -> None:
+        # Limitation: after a compaction in a Ready, leftovers wait for later
+        # writes (or the next open); they cost disk space, never correctness.
         limit = _key(st.first)
         deleted = 0
         with txn.cursor(db=self._log_db) as cur:
@@ -417,6 +423,7 @@ class LmdbStableStore:
 
     # -- snapshots
     def snapshot(self) -> Snapshot | None:
+        # Limitation: held in memory whole, and files are read and written whole.
         return self._snapshot
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
@@ -520,10 +527,12 @@ class LmdbStableStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         candidates: list[tuple[int, int, Path]] = []
+        # Limitation: this owns snapshot_dir; unknown snapshot-*.snap files
+        # newer than the pointer are deleted, so never share the directory.
         for index, term, path in self._files():
             if pointer is None or (index, term) > pointer:
                 # Written for a Ready whose transaction never committed.
-                log.info("removing uncommitted snapshot file %s", path)
+                log.debug("removing uncommitted snapshot file %s", path)
                 with contextlib.suppress(OSError):
                     path.unlink()
             else:
@@ -652,6 +661,7 @@ class LmdbRaftStorage:
             if ready.hard_state is not None:
                 stable._stage_hard_state(txn, ready.hard_state)
 
+        # Limitation: a Ready with a snapshot costs 2 more fsyncs (file, dir).
         need = _size(list(ready.entries)) + sum(len(s.data) for s in snaps)
         try:
             log_store._commit(stage, f"persist of {len(ready.entries)} entries", need)
