@@ -55,12 +55,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import grp
 import os
 import pwd
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -620,12 +622,18 @@ class ShellExecutor:
             return _fail(out, f"cannot start: {exc}", str(exc))
         loop = asyncio.get_running_loop()
         protocol = _JobProtocol(out, loop, self.pipe_check_interval)
-        # Limitation: if this task is cancelled during the spawn itself, asyncio
-        # kills only the new pid, not its group (it has had no time to fork).
+        transport: asyncio.SubprocessTransport
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: protocol, *cfg.argv, **spawn_kwargs
-            )
+            if _can_posix_spawn(cfg):
+                # No await between the spawn and _supervise, so a cancellation
+                # cannot fall between them.
+                transport = _SpawnedJob.start(loop, protocol, cfg, spawn_kwargs)
+            else:
+                # Limitation: if this task is cancelled during the spawn itself,
+                # asyncio kills only the new pid, not its group.
+                transport, _ = await loop.subprocess_exec(
+                    lambda: protocol, *cfg.argv, **spawn_kwargs
+                )
         except OSError as exc:
             reason = _start_error(exc, cfg)
             return _fail(out, f"cannot start: {reason}", reason)
@@ -749,6 +757,246 @@ def _reap_group(
         loop.call_later(
             interval, _reap_group, loop, pgid, leader_reaped, tries - 1, interval
         )
+
+
+# --------------------------------------------------------------------------
+# The fast spawn: os.posix_spawn (vfork and exec, no Python in the child), a
+# pidfd for the exit and one non-blocking pipe read from the event loop. It
+# does what loop.subprocess_exec does for a job without cwd, su or payload;
+# those keep the asyncio path, because posix_spawn in Python 3.11 cannot
+# chdir or change credentials, and stdin writing needs a write transport.
+
+# Signals Popen resets to the default in the child (restore_signals=True):
+# Python ignores SIGPIPE, and an ignored signal stays ignored across exec.
+_RESTORE_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ")
+    if hasattr(signal, name)
+)
+_READ_SIZE = 256 * 1024
+# Popen closes every inherited descriptor in the child (close_fds); posix_spawn
+# cannot, so we close the inheritable ones by number. Python opens its own
+# descriptors non-inheritable, so these are the few the agent inherited from
+# its parent; the list is refreshed at most this often (seconds).
+# Limitation: a descriptor made inheritable after a scan (by a C library, or
+# os.set_inheritable) reaches fast-spawned jobs until the next scan.
+FD_SCAN_INTERVAL = 1.0
+_fd_scan: tuple[float, tuple[int, ...]] = (-FD_SCAN_INTERVAL, ())
+
+
+def _inheritable_fds() -> tuple[int, ...]:
+    global _fd_scan
+    now = time.monotonic()
+    if now - _fd_scan[0] < FD_SCAN_INTERVAL:
+        return _fd_scan[1]
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    found.append(fd)
+            except OSError:
+                continue  # the listing's own descriptor, now closed
+    _fd_scan = (now, tuple(found))
+    return _fd_scan[1]
+
+
+def _probe_pidfd() -> bool:
+    if not hasattr(os, "posix_spawn") or not hasattr(os, "pidfd_open"):
+        return False
+    if not os.path.isdir("/proc/self/fd"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+_PIDFD = _probe_pidfd()
+
+
+def _can_posix_spawn(cfg: ShellConfig) -> bool:
+    return _PIDFD and cfg.cwd is None and cfg.su is None and cfg.payload is None
+
+
+class _SpawnedJob(asyncio.SubprocessTransport):
+    """A job started by ``os.posix_spawn``, driving a ``_JobProtocol``.
+
+    Implements the part of ``asyncio.SubprocessTransport`` that the shell
+    executor uses, with the same callbacks in the same order: data, exit,
+    then ``connection_lost`` once the process exited and the pipe closed.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol: _JobProtocol,
+        pid: int,
+        out_fd: int,
+        pidfd: int,
+    ) -> None:
+        super().__init__()
+        self._loop = loop
+        self._protocol = protocol
+        self._pid = pid
+        self._out = out_fd
+        self._pidfd = pidfd
+        self._returncode: int | None = None
+        self._closed = False
+        self._lost = False
+        protocol.connection_made(self)
+        loop.add_reader(out_fd, self._read)
+        loop.add_reader(pidfd, self._reap)
+
+    @classmethod
+    def start(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        protocol: _JobProtocol,
+        cfg: ShellConfig,
+        kwargs: dict[str, Any],
+    ) -> _SpawnedJob:
+        """Spawn ``cfg.argv`` in a new session; OSError if it cannot start."""
+        env = kwargs["env"]
+        # Only our end is non-blocking: the job's output must block when full.
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(read_fd, False)
+        try:
+            pid = _spawn_path(cfg.argv, env, write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            kill_group(pid)
+            os.waitpid(pid, 0)
+            os.close(read_fd)
+            raise
+        return cls(loop, protocol, pid, read_fd, pidfd)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self._out, _READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # a broken pipe ends the output like EOF
+        if data:
+            self._protocol.pipe_data_received(1, data)
+            return
+        self._close_out()
+        self._protocol.pipe_connection_lost(1, None)
+        self._maybe_lost()
+
+    def _close_out(self) -> None:
+        if self._out >= 0:
+            self._loop.remove_reader(self._out)
+            os.close(self._out)
+            self._out = -1
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            # Someone else reaped it (a waitpid(-1) child watcher); asyncio
+            # reports 255 in that case too.
+            pid, status = self._pid, -1
+        if pid == 0:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._returncode = 255 if status == -1 else os.waitstatus_to_exitcode(status)
+        self._protocol.process_exited()
+        self._maybe_lost()
+
+    def _maybe_lost(self) -> None:
+        if self._returncode is not None and self._out < 0 and not self._lost:
+            self._lost = True
+            self._protocol.connection_lost(None)
+
+    def get_pid(self) -> int:
+        return self._pid
+
+    def get_returncode(self) -> int | None:
+        return self._returncode
+
+    def get_pipe_transport(self, fd: int) -> None:
+        return None
+
+    def send_signal(self, signal_number: int) -> None:
+        if self._returncode is None:
+            os.kill(self._pid, signal_number)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop reading; SIGKILL the process if it still runs (as asyncio does).
+
+        The pidfd stays watched until the process is reaped.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._out >= 0:
+            self._close_out()
+            self._protocol.pipe_connection_lost(1, None)
+        if self._returncode is None:
+            try:
+                os.kill(self._pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._maybe_lost()
+
+
+def _spawn_path(argv: tuple[str, ...], env: dict[str, str], write_fd: int) -> int:
+    """posix_spawn ``argv`` with Popen's PATH search; return the pid.
+
+    Like Popen (and execvpe), a name without a slash is looked up in the
+    PATH of the job's environment; the first error other than "not found"
+    is the one reported, with the program's name as the file name.
+    """
+    program = argv[0]
+    if os.path.dirname(program):
+        candidates: list[str] = [program]
+    else:
+        candidates = [os.path.join(d, program) for d in os.get_exec_path(env)]
+    file_actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, write_fd, 1),
+        (os.POSIX_SPAWN_DUP2, write_fd, 2),
+        *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
+    ]
+    first_error = 0
+    for path in candidates:
+        if len(candidates) > 1 and not os.path.exists(path):
+            continue  # what execve would say (ENOENT), without a vfork
+        try:
+            return os.posix_spawn(
+                path,
+                argv,
+                env,
+                file_actions=file_actions,
+                setsid=True,
+                setsigdef=_RESTORE_SIGNALS,
+            )
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR) and not first_error:
+                first_error = exc.errno or errno.ENOENT
+    code = first_error or errno.ENOENT
+    raise OSError(code, os.strerror(code), program)
 
 
 def _spawn_kwargs(
