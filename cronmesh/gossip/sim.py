@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _PORT = 7946
+_LEFT = MemberState.LEFT
 _TICK, _PACKET, _STREAM, _STREAM_DONE, _CALL = range(5)
 
 
@@ -183,13 +184,27 @@ class Simulator:
         self.now = max(self.now, end_ms)
         return stop is not None and stop()
 
-    def run_until_converged(self, end_ms: int, step_ms: int = 250) -> bool:
-        """Run in ``step_ms`` slices until :meth:`converged` or ``end_ms``."""
+    def run_until_converged(self, end_ms: int) -> bool:
+        """Run until :meth:`converged` or ``end_ms``; True if converged."""
+        return self.run_until_true(end_ms, self.converged)
+
+    def run_until_true(
+        self, end_ms: int, cond: Callable[[], bool], step_ms: int = 250
+    ) -> bool:
+        """Run in ``step_ms`` slices until ``cond()`` holds or ``end_ms``."""
         while self.now < end_ms:
             self.run_until(min(self.now + step_ms, end_ms))
-            if self.converged():
+            if cond():
                 return True
         return False
+
+    def all_see(self, subject: str, state: MemberState) -> bool:
+        """Every live member (but ``subject``) holds ``subject`` in ``state``."""
+        return all(
+            node.core.state_of(subject) == state
+            for node in self.live()
+            if node.name != subject
+        )
 
     def _handle(self, kind: int, args: tuple[object, ...]) -> None:
         if kind == _TICK:
@@ -430,7 +445,7 @@ def run_crash_scenario(
     if first_suspect is None:
         return ScenarioResult("crash", seed, False, f"{victim} never suspected")
     deadline = first_suspect + rest_bound
-    sim.run_until(deadline + 1)
+    sim.run_until_true(deadline + 1, lambda: sim.all_see(victim, MemberState.DEAD))
     times, missing = [], []
     for observer in sim.live():
         when = sim.first_observation(
@@ -511,7 +526,7 @@ def run_leave_scenario(
     cfg = sim.config
     spread = 2 * retransmit_limit(cfg.retransmit_mult, n) * cfg.gossip_interval_ms
     bound = linger + detection_bound_ms(cfg, n)[0] + spread
-    sim.run_until(left_at + bound + 1)
+    sim.run_until_true(left_at + bound + 1, lambda: sim.all_see(leaver, _LEFT))
     times, late = [], []
     for node in sim.live():
         when = sim.first_observation(EventKind.LEAVE, leaver, node.name, left_at)
