@@ -313,7 +313,9 @@ class GossipDriver:
             adv_port = self._bound[1]
         if not _is_ip(adv_host):
             try:
-                infos = await loop.getaddrinfo(adv_host, adv_port, type=socket.SOCK_DGRAM)
+                infos = await loop.getaddrinfo(
+                    adv_host, adv_port, type=socket.SOCK_DGRAM
+                )
             except OSError as exc:
                 await self._close_sockets()
                 raise TransportError(f"cannot resolve {adv_host}: {exc}") from exc
@@ -717,7 +719,9 @@ class GossipDriver:
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            logger.warning("gossip join node=%s cannot resolve %s: %s", self.name, host, exc)
+            logger.warning(
+                "gossip join node=%s cannot resolve %s: %s", self.name, host, exc
+            )
             return False
         ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
         for ip in ips:
