@@ -312,8 +312,9 @@ class GossipCore:
     ) -> Batch:
         """Handle one UDP datagram; undecodable ones are counted and dropped.
 
-        ``src`` is only used in log lines: replies go to the address the
-        sender wrote into its message.
+        ``src`` is the datagram's source address: it appears in log lines
+        and receives stale-rumour corrections. Acks go to the address the
+        sender wrote into its ping.
         """
         self._begin(now_ms)
         self.stats.packets_received += 1
@@ -324,9 +325,11 @@ class GossipCore:
             self._drop("packet", src, exc)
             return self._finish()
         self._src = src
-        for msg in messages:
-            self._dispatch(msg)
-        self._src = None
+        try:
+            for msg in messages:
+                self._dispatch(msg)
+        finally:
+            self._src = None
         return self._finish()
 
     def receive_stream(
