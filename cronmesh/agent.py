@@ -22,7 +22,8 @@ from typing import Any
 import uvicorn
 
 from cronmesh import __version__
-from cronmesh.core.commitlog import LocalLog
+from cronmesh.cluster import Cluster
+from cronmesh.core.commitlog import CommandLog, LocalLog
 from cronmesh.core.dispatcher import Dispatcher
 from cronmesh.core.executors import get_executor
 from cronmesh.core.executors.shell import install_pidfd_child_watcher
@@ -38,6 +39,7 @@ from cronmesh.errors import (
     ValidationError,
 )
 from cronmesh.metrics import Metrics
+from cronmesh.raft.driver import RaftSettings
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.state import StateStore
 
@@ -86,6 +88,9 @@ class AgentConfig:
     shutdown_grace: float = 30.0  # seconds running jobs get on SIGTERM
     region: str = "global"
     datacenter: str = "dc1"
+    # Other servers as name -> host:rpc_port, until gossip finds them.
+    peers: dict[str, str] = field(default_factory=dict)
+    raft_tick: float = 0.05  # seconds; elections time out after 10-20 ticks
 
 
 class Agent:
@@ -102,7 +107,25 @@ class Agent:
             max_executions=config.max_executions,
             max_output=config.max_output,
         )
-        self.log = LocalLog(self.fsm)
+        self.cluster: Cluster | None = None
+        self.log: CommandLog
+        if config.server:
+            rpc_host, _ = parse_addr(config.bind_addr, 8946, "bind-addr")
+            self.cluster = Cluster(
+                self.node_name,
+                self.data,
+                self.fsm,
+                (rpc_host, config.rpc_port),
+                self.server_peers,
+                bootstrap_expect=config.bootstrap_expect,
+                settings=RaftSettings(tick=config.raft_tick),
+            )
+            self.cluster.driver.on_role.append(self._leadership_changed)
+            self.log = self.cluster.driver
+        else:
+            # Limitation: until agents join a cluster (distributed execution),
+            # an agent without --server keeps its own unreplicated log.
+            self.log = LocalLog(self.fsm)
         self.runner = Runner(self.node_name, self.log, max_output=config.max_output)
         self.dispatcher = Dispatcher(self.node_name, self.store, self.log, self.runner)
         self.dispatcher.node_tags = lambda: self.tags
@@ -119,6 +142,7 @@ class Agent:
         self.http_host, self.http_port = parse_addr(config.http_addr, 8080, "http-addr")
         self._stop = asyncio.Event()
         self._server: uvicorn.Server | None = None
+        self._background: set[asyncio.Task[object]] = set()
 
     # -- identity
     @property
@@ -141,9 +165,27 @@ class Agent:
     def is_leader(self) -> bool:
         return self.log.is_leader()
 
-    def member(self) -> dict[str, Any]:
-        """This node in the shape of Dkron's /v1/members entries."""
+    def leader_name(self) -> str | None:
+        if self.cluster is None:
+            return self.node_name
+        return self.node_name if self.is_leader() else self.cluster.driver.leader
+
+    def member(self, name: str | None = None) -> dict[str, Any]:
+        """A node in the shape of Dkron's /v1/members entries (default: this one)."""
         host, port = parse_addr(self.config.bind_addr, 8946, "bind-addr")
+        if name is not None and name != self.node_name:
+            rpc = self.server_peers().get(name, "")
+            host = rpc.rpartition(":")[0] or rpc
+            tags = {"role": "dkron", "server": "true", "rpc_addr": rpc}
+            return {
+                "Id": name,
+                "Name": name,
+                "Addr": host,
+                "Port": port,
+                "Tags": tags,
+                "Status": 1,
+                "statusText": "alive",
+            }
         return {
             "Id": self.node_name,
             "Name": self.node_name,
@@ -190,12 +232,12 @@ class Agent:
             encode_command("set_job", job=payload, restore=restore)
         )
         _raise_for(result)
-        return result.value, result.code == 201
+        return _as_job(result.value), result.code == 201
 
     async def delete_job(self, name: str) -> Job:
         result = await self.log.propose(encode_command("delete_job", name=name))
         _raise_for(result)
-        return result.value
+        return _as_job(result.value)
 
     async def toggle_job(self, name: str) -> Job:
         job = self.get_job(name)
@@ -203,7 +245,7 @@ class Agent:
             encode_command("set_disabled", name=name, disabled=not job.disabled)
         )
         _raise_for(result)
-        return result.value
+        return _as_job(result.value)
 
     async def run_job(self, name: str) -> Execution | None:
         """Start a manual run; returns as soon as the run is recorded."""
@@ -213,7 +255,7 @@ class Agent:
     async def delete_executions(self, name: str) -> Job:
         result = await self.log.propose(encode_command("delete_executions", name=name))
         _raise_for(result)
-        return result.value
+        return _as_job(result.value)
 
     def get_job(self, name: str) -> Job:
         job = self.store.get_job(name)
@@ -248,12 +290,37 @@ class Agent:
                 data["output"] = live
         return data
 
+    def server_peers(self) -> dict[str, str]:
+        """The other servers and their RPC addresses."""
+        return dict(self.config.peers)
+
+    def _leadership_changed(self, leading: bool) -> None:
+        task = asyncio.create_task(self._lead() if leading else self._follow())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _lead(self) -> None:
+        self.dispatcher.active = True
+        if not self.scheduler.running:
+            self.scheduler.start()
+
+    async def _follow(self) -> None:
+        self.dispatcher.active = False
+        await self.scheduler.stop()
+
     # -- life cycle
     async def recover_interrupted(self) -> int:
-        """Mark this node's executions that a crash left running as failed."""
+        """Mark this node's executions that a crash left running as failed.
+
+        Retries until a leader takes the reports, so it may run for a while
+        after a restart; runs in the background.
+        """
         count = 0
         for execution in self.store.running():
-            if execution.node_name != self.node_name:
+            if (
+                execution.node_name != self.node_name
+                or execution.id in self.runner.live
+            ):
                 continue
             execution.finished_at = datetime.now(UTC)
             execution.success = False
@@ -261,9 +328,7 @@ class Agent:
                 f"[cronmesh] interrupted: the agent stopped while this execution "
                 f"ran; it restarted at {format_time(self.started_at)}\n"
             )
-            await self.log.propose(
-                encode_command("execution_done", execution=execution.to_json())
-            )
+            await self.runner.report(execution)
             count += 1
         if count:
             log.info("marked interrupted executions failed count=%d", count)
@@ -275,9 +340,14 @@ class Agent:
         install_pidfd_child_watcher()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        await self.recover_interrupted()
-        self.scheduler.start()
         server_task = await self._start_http()
+        if self.cluster is not None:
+            await self.cluster.start()
+        else:
+            self.scheduler.start()
+        recovery = asyncio.create_task(self.recover_interrupted())
+        self._background.add(recovery)
+        recovery.add_done_callback(self._background.discard)
         log.info(
             "agent started node=%s http=%s:%d data_dir=%s pid=%d",
             self.node_name,
@@ -291,20 +361,39 @@ class Agent:
         finally:
             await self.shutdown(server_task)
 
+    def _listen_http(self) -> socket.socket:
+        """Bind the API's socket ourselves, so a bad address names the flag."""
+        where = f"--http-addr {self.config.http_addr}"
+        try:
+            infos = socket.getaddrinfo(
+                self.http_host, self.http_port, type=socket.SOCK_STREAM
+            )
+        except OSError as exc:
+            raise CronmeshError(f"{where}: cannot resolve: {exc.strerror}") from exc
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(512)
+        except OSError as exc:
+            sock.close()
+            raise CronmeshError(f"{where}: cannot listen: {exc.strerror}") from exc
+        return sock
+
     async def _start_http(self) -> asyncio.Task[None]:
         from cronmesh.api.app import create_app
 
+        sock = self._listen_http()
         config = uvicorn.Config(
             create_app(self),
-            host=self.http_host,
-            port=self.http_port,
             log_level="warning",
             lifespan="off",
             access_log=False,
         )
         server = _QuietServer(config)
         self._server = server
-        task = asyncio.create_task(server.serve(), name="http")
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         while not server.started:
             if task.done():
                 task.result()
@@ -321,7 +410,17 @@ class Agent:
         log.info("agent stopping node=%s", self.node_name)
         await self.scheduler.stop()
         await self.dispatcher.stop()
+        if self.runner.live:
+            log.info(
+                "waiting for running executions count=%d up_to=%.0fs",
+                len(self.runner.live),
+                self.config.shutdown_grace,
+            )
         await self.runner.stop(self.config.shutdown_grace)
+        for task in list(self._background):
+            task.cancel()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self._server is not None:
             self._server.should_exit = True
         if server_task is not None:
@@ -337,6 +436,11 @@ class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _as_job(value: Any) -> Job:
+    """A job from a local result (a Job) or a forwarded one (its JSON)."""
+    return value if isinstance(value, Job) else Job.from_json(value, keep_runtime=True)
 
 
 def _raise_for(result: ApplyResult) -> None:

@@ -49,7 +49,7 @@ def wait_ready(http: httpx.Client, proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is not None:
             sys.exit(f"the agent exited with code {proc.returncode}")
         try:
-            if http.get("/health").status_code == 200:
+            if http.get("/v1/leader").status_code == 200:
                 return
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -109,6 +109,8 @@ def main() -> None:
         f"127.0.0.1:{port}",
         "--bind-addr",
         "127.0.0.1:8946",
+        "--rpc-port",
+        str(pick_port(6868)),
         "--log-level",
         "warning",
         "--shutdown-grace",

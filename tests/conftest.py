@@ -37,6 +37,7 @@ class AgentProcess:
         self.name = name
         self.extra = list(extra)
         self.port = free_port()
+        self.rpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,7 +73,8 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited: {self.log()}")
             try:
-                if self.http.get("/health").status_code == 200:
+                # A lone server can take writes once it has elected itself.
+                if self.http.get("/v1/leader").status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cronmesh import __version__
+from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.model import Job
 from cronmesh.errors import (
     ConflictError,
@@ -171,6 +172,7 @@ def _errors(app: FastAPI) -> None:
     app.add_exception_handler(ConflictError, conflict)
     app.add_exception_handler(NotFoundError, plain(404))
     app.add_exception_handler(StorageError, plain(503))
+    app.add_exception_handler(NotLeaderError, plain(503))
     app.add_exception_handler(CronmeshError, plain(500))
 
     @app.exception_handler(StarletteHTTPException)
@@ -218,9 +220,10 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/v1/leader")
     async def leader(request: Request) -> Response:
-        if not agent.is_leader():
+        name = agent.leader_name()
+        if not name:
             raise NotFoundError("no leader known")
-        return _reply(request, agent.member())
+        return _reply(request, agent.member(name))
 
     @app.get("/v1/isleader")
     async def isleader(request: Request) -> Response:

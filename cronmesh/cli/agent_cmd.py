@@ -84,6 +84,12 @@ def agent(
         str, typer.Option("--http-addr", help="HTTP API address.")
     ] = "",
     bind_addr: Annotated[str, typer.Option("--bind-addr", help="Gossip address.")] = "",
+    peer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--peer", help="Another server as name=host:rpc_port (repeatable)."
+        ),
+    ] = None,
     rpc_port: Annotated[
         int | None, typer.Option("--rpc-port", min=1, max=65535)
     ] = None,
@@ -133,6 +139,11 @@ def agent(
             config.catch_up_window = catch_up_window
         config.server = server or config.server
         config.tags.update(_parse_tags(tag or []))
+        for item in peer or []:
+            name, sep, address = item.partition("=")
+            if not sep or not name or ":" not in address:
+                raise ValidationError(f"--peer: {item!r} is not name=host:port", "peer")
+            config.peers[name] = address
         if config.log_level not in LEVELS:
             raise ValidationError(
                 f"--log-level: {config.log_level!r} is not one of {LEVELS}"

@@ -47,11 +47,17 @@ class Client:
         if "://" not in address:
             address = f"http://{address}"
         self.address = address.rstrip("/")
-        self.http = httpx.Client(base_url=self.address, timeout=30.0)
+        try:
+            self.http = httpx.Client(base_url=self.address, timeout=30.0)
+            self.http.build_request("GET", "/")
+        except (httpx.InvalidURL, ValueError) as exc:
+            fail(f"--address: {address!r} is not a valid URL: {exc}", 2)
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, path, **kwargs)
+        except (httpx.InvalidURL, ValueError) as exc:
+            fail(f"--address: {self.address!r} is not a valid URL: {exc}", 2)
         except httpx.HTTPError as exc:
             fail(f"cannot reach cronmesh at {self.address}: {exc}")
         if response.status_code >= 400:
@@ -78,6 +84,8 @@ def _print_json(data: Any) -> None:
 
 def _job_table(jobs: list[dict[str, Any]]) -> Table:
     table = Table("Name", "Schedule", "Status", "Disabled", "Success", "Error", "Next")
+    for column in table.columns:
+        column.overflow = "fold"
     for job in jobs:
         table.add_row(
             job["name"],
@@ -210,6 +218,7 @@ def executions(
         _print_json(data)
         return
     table = Table("ID", "Node", "Started", "Finished", "Status", "Attempt")
+    table.columns[0].overflow = "fold"
     for item in data:
         table.add_row(
             item["id"],

@@ -1,0 +1,311 @@
+"""The asyncio driver of one Raft server: the only Raft code that awaits.
+
+One task owns the `RaftNode`. It sleeps until something arrives (a message,
+a proposal, a read, a membership change) or the next tick is due, feeds all
+of it to the core, and then handles each Ready in the order the contract
+demands (ready.py): persist with one LMDB commit, send, apply committed
+entries to the state machine with one more commit, answer the proposers
+whose entries were applied, and `advance`. Everything that arrived while a
+Ready was being handled waits for the next turn, so concurrent proposals
+share an fsync.
+
+The driver is also the node's `CommandLog`: `propose` on the leader appends
+and waits for the entry to be applied here; on a follower it forwards the
+command to the leader over gRPC and returns the leader's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cronmesh.core.commitlog import NotLeaderError
+from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
+from cronmesh.errors import CronmeshError, RemoteError, TransportError
+from cronmesh.raft.errors import NotLeader, ProposalDropped, RaftError
+from cronmesh.raft.messages import Message
+from cronmesh.raft.node import RaftConfig, RaftNode
+from cronmesh.raft.ready import Ready, Role
+from cronmesh.raft.storage import bootstrap
+from cronmesh.raft.types import ConfChange, EntryKind, Membership
+from cronmesh.storage.raftlog import LmdbRaftStorage
+from cronmesh.storage.snapshot import dump_state, load_state
+
+__all__ = ["RaftDriver", "RaftSettings"]
+
+log = logging.getLogger("cronmesh.raft")
+
+NOOP = encode_command("noop")
+
+
+@dataclass
+class RaftSettings:
+    """Timing and compaction of a server's Raft (seconds, entries)."""
+
+    tick: float = 0.1  # one tick of the core
+    election_ticks: int = 10  # base election timeout in ticks (1-2 s)
+    heartbeat_ticks: int = 1
+    snapshot_threshold: int = 8192  # applied entries between snapshots
+
+
+class RaftDriver:
+    """Runs a `RaftNode` on LMDB storage and a message transport."""
+
+    def __init__(
+        self,
+        node_id: str,
+        storage: LmdbRaftStorage,
+        fsm: StateMachine,
+        *,
+        settings: RaftSettings | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.storage = storage
+        self.fsm = fsm
+        self.settings = settings or RaftSettings()
+        self.rng = rng or random.Random()
+        self.send: Callable[[Message], None] = lambda msg: None
+        self.forward: Callable[[str, bytes], Any] | None = None
+        self.on_role: list[Callable[[bool], None]] = []
+        self.node: RaftNode | None = None
+        self._inbox: list[Message] = []
+        self._proposals: list[tuple[bytes, asyncio.Future[ApplyResult]]] = []
+        self._changes: list[tuple[ConfChange, asyncio.Future[ApplyResult]]] = []
+        self._transfers: list[str] = []
+        self._pending: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.leader: str | None = None
+        self.role = Role.FOLLOWER
+        self.term = 0
+
+    # -- set-up
+    def has_state(self) -> bool:
+        return (
+            self.storage.log.last_index() > 0
+            or self.storage.stable.snapshot() is not None
+        )
+
+    def bootstrap(self, voters: set[str]) -> None:
+        """Write the first configuration of a new cluster (founders only)."""
+        bootstrap(self.storage.log, self.storage.stable, voters)
+        log.info("raft bootstrapped node_id=%s voters=%s", self.node_id, sorted(voters))
+
+    def start(self) -> None:
+        config = RaftConfig(
+            node_id=self.node_id,
+            election_ticks=self.settings.election_ticks,
+            heartbeat_ticks=self.settings.heartbeat_ticks,
+        )
+        applied = self.fsm.store.applied_index()
+        snapshot = self.storage.stable.snapshot()
+        if snapshot is not None and applied < snapshot.meta.index:
+            load_state(self.fsm.store.data, snapshot.data, snapshot.meta.index)
+            applied = snapshot.meta.index
+        self.node = RaftNode(
+            config, self.storage.log, self.storage.stable, self.rng, applied=applied
+        )
+        self._task = asyncio.create_task(self._run(), name="raft")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for _, future in self._pending.values():
+            if not future.done():
+                future.set_exception(NotLeaderError(self.leader or ""))
+
+    # -- observation
+    def is_leader(self) -> bool:
+        return self.role is Role.LEADER
+
+    @property
+    def membership(self) -> Membership:
+        assert self.node is not None
+        return self.node.membership
+
+    # -- inputs (any task)
+    def deliver(self, msg: Message) -> None:
+        self._inbox.append(msg)
+        self._wake.set()
+
+    async def propose(self, payload: bytes) -> ApplyResult:
+        """Apply `payload` through the leader (CommandLog protocol)."""
+        if self.role is not Role.LEADER:
+            return await self._forward(payload)
+        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+        self._proposals.append((payload, future))
+        self._wake.set()
+        return await future
+
+    async def _forward(self, payload: bytes) -> ApplyResult:
+        leader = self.leader
+        if not leader or self.forward is None:
+            raise NotLeaderError(leader or "")
+        try:
+            reply = await self.forward(leader, payload)
+        except (TransportError, RemoteError) as exc:
+            raise NotLeaderError(leader) from exc
+        except Exception as exc:  # grpc errors of the forwarding call
+            raise NotLeaderError(leader) from exc
+        if reply.leader and not reply.code:
+            raise NotLeaderError(reply.leader)
+        value = json.loads(reply.value) if reply.value else None
+        return ApplyResult(code=reply.code, error=reply.error, value=value)
+
+    async def change_membership(self, change: ConfChange) -> ApplyResult:
+        future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+        self._changes.append((change, future))
+        self._wake.set()
+        return await future
+
+    def transfer_leadership(self, target: str) -> None:
+        self._transfers.append(target)
+        self._wake.set()
+
+    # -- the loop
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        tick = self.settings.tick
+        next_tick = loop.time() + tick
+        while True:
+            delay = next_tick - loop.time()
+            if delay > 0 and not self._has_input():
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except TimeoutError:
+                    pass
+            try:
+                if loop.time() >= next_tick:
+                    self._node().tick()
+                    next_tick = max(next_tick + tick, loop.time())
+                self._feed()
+                while self._node().has_ready():
+                    ready = self._node().ready()
+                    self._handle(ready)
+                    self._node().advance(ready)
+                self._maybe_compact()
+            except CronmeshError:
+                log.exception("raft driver stopped node_id=%s", self.node_id)
+                raise
+            await asyncio.sleep(0)
+
+    def _node(self) -> RaftNode:
+        assert self.node is not None
+        return self.node
+
+    def _has_input(self) -> bool:
+        return bool(self._inbox or self._proposals or self._changes or self._transfers)
+
+    def _feed(self) -> None:
+        node = self._node()
+        inbox, self._inbox = self._inbox, []
+        for msg in inbox:
+            try:
+                node.step(msg)
+            except RaftError as exc:
+                log.debug("raft message refused node_id=%s error=%s", self.node_id, exc)
+        proposals, self._proposals = self._proposals, []
+        for payload, future in proposals:
+            try:
+                index, term = node.propose(payload)
+            except (NotLeader, RaftError) as exc:
+                future.set_exception(NotLeaderError(getattr(exc, "leader", None) or ""))
+                continue
+            self._pending[index] = (term, future)
+        changes, self._changes = self._changes, []
+        for change, future in changes:
+            try:
+                index, term = node.propose_conf_change(change)
+            except RaftError as exc:
+                future.set_exception(exc)
+                continue
+            self._pending[index] = (term, future)
+        transfers, self._transfers = self._transfers, []
+        for target in transfers:
+            try:
+                node.transfer_leadership(target)
+            except RaftError as exc:
+                log.info("leadership transfer refused target=%s error=%s", target, exc)
+
+    def _handle(self, ready: Ready) -> None:
+        if ready.must_sync():
+            self.storage.persist(ready)
+        for msg in ready.messages:
+            self.send(msg)
+        if ready.snapshot is not None:
+            meta = ready.snapshot.meta
+            load_state(self.fsm.store.data, ready.snapshot.data, meta.index)
+            log.info(
+                "raft snapshot installed node_id=%s index=%d", self.node_id, meta.index
+            )
+        if ready.committed_entries:
+            self._apply(ready)
+        if ready.soft_state is not None:
+            self._role_changed(
+                ready.soft_state.role, ready.soft_state.leader, ready.soft_state.term
+            )
+
+    def _apply(self, ready: Ready) -> None:
+        batch = [
+            (e.index, e.data if e.kind is EntryKind.NORMAL else NOOP)
+            for e in ready.committed_entries
+        ]
+        results = self.fsm.apply_batch(batch)
+        for entry, result in zip(ready.committed_entries, results, strict=True):
+            waiting = self._pending.pop(entry.index, None)
+            if waiting is None:
+                continue
+            term, future = waiting
+            if future.done():
+                continue
+            if term != entry.term:
+                future.set_exception(
+                    ProposalDropped("raft: entry replaced by a new leader")
+                )
+            else:
+                future.set_result(result)
+
+    def _role_changed(self, role: Role, leader: str | None, term: int) -> None:
+        was_leader = self.role is Role.LEADER
+        self.role, self.leader, self.term = role, leader, term
+        if role is Role.LEADER and not was_leader:
+            log.info(
+                "leader elected node_id=%s term=%d (this node)", self.node_id, term
+            )
+        elif leader and was_leader is False and role is Role.FOLLOWER:
+            log.info(
+                "following leader node_id=%s leader=%s term=%d",
+                self.node_id,
+                leader,
+                term,
+            )
+        if was_leader != (role is Role.LEADER):
+            if was_leader:
+                self._drop_pending()
+            for callback in self.on_role:
+                callback(role is Role.LEADER)
+
+    def _drop_pending(self) -> None:
+        for _, future in self._pending.values():
+            if not future.done():
+                future.set_exception(NotLeaderError(self.leader or ""))
+        self._pending.clear()
+
+    def _maybe_compact(self) -> None:
+        node = self._node()
+        if node.applied - node.log.snap_index < self.settings.snapshot_threshold:
+            return
+        node.compact(node.applied, dump_state(self.fsm.store.data))
+        log.info("raft log compacted node_id=%s index=%d", self.node_id, node.applied)
