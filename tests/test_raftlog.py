@@ -434,6 +434,24 @@ def test_uncommitted_snapshot_files_are_removed_at_start(
     ]
 
 
+def test_leftover_old_snapshots_are_pruned_at_start(
+    dirs: DataDirs, data: DataDir, tmp_path: Path
+) -> None:
+    snaps = tmp_path / "snaps"
+    stable = LmdbStableStore(data, snaps)
+    for index in (5, 6, 7):
+        stable.save_snapshot(snap(index, 1))
+    stable._write_file(snap(2, 1))  # as if a crash had come before the pruning
+    assert len(snap_files(snaps)) == 3
+    data = dirs.reopen(data)
+    stable = LmdbStableStore(data, snaps)
+    assert stable.snapshot() == snap(7, 1)
+    assert [name[9:29] for name in snap_files(snaps)] == [
+        f"{6:020d}",
+        f"{7:020d}",
+    ]
+
+
 # ---------------------------------------------------------------------------
 # Disk full
 
@@ -656,7 +674,7 @@ TestLogStoreComparison.settings = settings(
 
 
 CRASH_CHILD = """
-import json, random, sys
+import json, os, random, sys
 from cronmesh.raft.ready import Ready
 from cronmesh.raft.types import Entry, HardState, Membership, Snapshot, SnapshotMeta
 from cronmesh.storage.env import DataDir
@@ -667,6 +685,9 @@ def payload(index, term):
 
 store = LmdbRaftStorage(DataDir(sys.argv[1]), term_cache=32, gc_chunk=16)
 rng = random.Random(int(sys.argv[2]))
+# Reports go to a file, not a pipe that could fill up and stall the writer;
+# a write to the page cache survives kill -9.
+report = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 log, stable = store.log, store.stable
 
 def state():
@@ -675,10 +696,11 @@ def state():
     return [log.first_index(), log.last_index(), hs.term, hs.vote, hs.commit, index]
 
 def say(word, value):
-    sys.stdout.write(word + " " + json.dumps(value) + "\\n")
-    sys.stdout.flush()
+    os.write(report, (word + " " + json.dumps(value) + "\\n").encode())
 
 say("ready", state())
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
 while True:
     first, last, term, vote, commit, snap_index = state()
     term = max(term, 1)
@@ -759,41 +781,49 @@ def test_kill_9_at_random_moments_loses_nothing_committed(tmp_path: Path) -> Non
     reported: list[Any] = [1, 0, 0, None, 0, 0]
     for iteration in range(iterations):
         errors = tmp_path / f"child-{iteration}.err"
+        report = tmp_path / f"child-{iteration}.out"
         with errors.open("wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-c", CRASH_CHILD, str(path), str(iteration)],
+                [
+                    sys.executable,
+                    "-c",
+                    CRASH_CHILD,
+                    str(path),
+                    str(iteration),
+                    str(report),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 cwd=REPO,
             )
         assert proc.stdout is not None
-        first_line = proc.stdout.readline().decode()
+        proc.stdout.readline()  # "ready", or nothing if the child failed
         time.sleep(rng.uniform(0.0, 0.12))
         proc.kill()
-        # Read through the same buffered reader: readline may hold more lines.
-        rest = proc.stdout.read()
-        proc.stdout.close()
         proc.wait(30)
-        lines = (first_line + rest.decode()).splitlines()
-        assert lines and lines[0].startswith("ready "), errors.read_text()
-        assert json.loads(lines[0][6:]) == reported, "reopen lost or invented state"
+        proc.stdout.close()
+        lines = (report.read_text() if report.exists() else "").splitlines()
+        context = f"iteration {iteration}: {lines[-3:]} {errors.read_text()[-800:]}"
+        assert lines and lines[0].startswith("ready "), context
+        assert json.loads(lines[0][6:]) == reported, context
         durable, intent = reported, None
         for line in lines[1:]:
             word, _, value = line.partition(" ")
             if not value.endswith("]"):
                 break  # the kill cut this line short
-            assert word in ("intent", "done"), line
+            assert word in ("intent", "done"), context
             if word == "intent":
                 intent = json.loads(value)
             else:
                 durable, intent = json.loads(value), None
         found = check_reopened(path)
         # All of the Ready in flight, or none of it; never less than reported.
-        assert found in ([durable] if intent is None else [durable, intent])
-        assert found[1] >= durable[1]
+        context += f" found={found} durable={durable} intent={intent}"
+        assert found in ([durable] if intent is None else [durable, intent]), context
+        assert found[1] >= durable[1], context
         in_flight += intent is not None
         applied += intent is not None and found == intent
         reported = found
     # The kills landed at different points, many with a persist in flight.
     print(f"kills with a Ready in flight: {in_flight}/{iterations}, applied {applied}")
-    assert in_flight >= iterations // 5 and reported[1] > 100
+    assert in_flight >= iterations // 5 and reported[1] > 100, (in_flight, reported)

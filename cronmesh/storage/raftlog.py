@@ -537,10 +537,22 @@ class LmdbStableStore:
                     path.unlink()
             else:
                 candidates.append((index, term, path))
+        loaded: Snapshot | None = None
         for index, term, path in reversed(candidates):
-            snapshot = _read_snapshot_file(path, index, term)
-            if snapshot is None:
-                continue
+            loaded = _read_snapshot_file(path, index, term)
+            if loaded is not None:
+                break
+        # A crash between a commit and its pruning can leave an extra old file.
+        keep = {path for _i, _t, path in candidates[-SNAPSHOTS_KEPT:]}
+        if loaded is not None:
+            keep.add(self._path(loaded.meta.index, loaded.meta.term))
+        for _index, _term, path in candidates:
+            if path not in keep:
+                log.debug("old snapshot removed path=%s", path)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if loaded is not None:
+            index, term = loaded.meta.index, loaded.meta.term
             if (index, term) != pointer:
                 # Limitation: the log was compacted past this older snapshot,
                 # so RaftLog will refuse the gap; an operator must intervene.
@@ -552,7 +564,7 @@ class LmdbStableStore:
                     *(pointer or ("?", "?")),
                 )
             log.debug("snapshot loaded index=%d term=%d", index, term)
-            return snapshot
+            return loaded
         if pointer is not None:
             log.warning(
                 "no readable snapshot in %s (expected index=%d term=%d)",
