@@ -111,7 +111,8 @@ class Dispatcher:
             if reason:
                 log.debug("skipping fire job=%s reason=%s", job_name, reason)
                 return FireOutcome(skipped=reason)
-        mismatch = tags_mismatch(job.tags, self.node_tags())
+        # node_tags() builds the agent's tags: only ask when the job has some.
+        mismatch = tags_mismatch(job.tags, self.node_tags()) if job.tags else ""
         started = self._started_at()
         execution = Execution(
             job_name=job.name,

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from typing import Any
 
 from cronmesh.core.model import (
@@ -296,7 +297,7 @@ class StateMachine:
         self, view: StateView, cmd: dict[str, Any], events: list[Event]
     ) -> ApplyResult:
         execution = Execution.from_json(cmd["execution"])
-        if view.get_job(execution.job_name) is None:
+        if not view.has_job(execution.job_name):
             return _fail(404, f"job {execution.job_name!r} not found")
         if cmd.get("forbid"):
             running = view.running_executions(execution.job_name)
@@ -397,7 +398,9 @@ class StateMachine:
         if excess <= 0:
             return
         running = set(view.running_keys(job))
-        for key in list(view.iter_execution_keys(job)):
+        # Only the oldest `excess` finished ones go: read no further keys.
+        oldest = list(islice(view.iter_execution_keys(job), excess + len(running)))
+        for key in oldest:
             if excess <= 0:
                 break
             if key in running:

@@ -77,9 +77,11 @@ class StateView:
     # -- jobs
     def get_job(self, name: str) -> Job | None:
         raw = self.txn.get(name.encode(), db=self.t["jobs"])
-        return (
-            None if raw is None else Job.from_json(json.loads(raw), keep_runtime=True)
-        )
+        # Stored rows were validated before they were written: load, no checks.
+        return None if raw is None else Job.from_stored(json.loads(raw))
+
+    def has_job(self, name: str) -> bool:
+        return self.txn.get(name.encode(), db=self.t["jobs"]) is not None
 
     def put_job(self, job: Job) -> None:
         self.txn.put(job.name.encode(), _dumps(job.to_json()), db=self.t["jobs"])
@@ -91,7 +93,7 @@ class StateView:
     def iter_jobs(self) -> Iterator[Job]:
         with self.txn.cursor(db=self.t["jobs"]) as cur:
             for _key, raw in cur:
-                yield Job.from_json(json.loads(raw), keep_runtime=True)
+                yield Job.from_stored(json.loads(raw))
 
     def job_count(self) -> int:
         return int(self.txn.stat(self.t["jobs"])["entries"])

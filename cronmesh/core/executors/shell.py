@@ -766,6 +766,8 @@ def _reap_group(
 # those keep the asyncio path, because posix_spawn in Python 3.11 cannot
 # chdir or change credentials, and stdin writing needs a write transport.
 
+# Limitation: glibc's posix_spawn leaves its internal signals 32 and 33 (below
+# SIGRTMIN, unusable by glibc programs) ignored in the job; Popen does not.
 # Signals Popen resets to the default in the child (restore_signals=True):
 # Python ignores SIGPIPE, and an ignored signal stays ignored across exec.
 _RESTORE_SIGNALS = tuple(
