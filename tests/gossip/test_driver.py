@@ -1,0 +1,341 @@
+"""The gossip driver end to end: real runner processes on loopback.
+
+One encrypted five-member cluster (127.0.0.2 .. 127.0.0.6, ``local``
+profile) is shared by the module; each test first waits until the members
+still running agree, then changes one thing and polls the status files the
+runners write until every survivor shows the change or a deadline computed
+from the profile passes. Outsiders (wrong key, dead seed) use 127.0.0.1.
+Nothing is sent anywhere but 127.0.0.x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cronmesh.gossip import Keyring, encode_message, encode_packet, generate_key
+from cronmesh.gossip.config import profile
+from cronmesh.gossip.messages import Alive
+from cronmesh.gossip.sim import detection_bound_ms
+
+PROFILE = "local"
+CONFIG = profile(PROFILE)
+HOSTS = [f"127.0.0.{i}" for i in range(2, 7)]
+OUTSIDER = "127.0.0.1"
+# Process start (imports on a busy machine), one retry-join interval and a
+# few gossip rounds; generous because CI cores are shared.
+CONVERGE_S = 20.0
+# A tag change rides on the next gossip rounds (100 ms apart in `local`).
+TAGS_S = 5.0
+# Extra time for scheduling noise on two busy cores, on top of any bound.
+SLACK_S = 3.0
+
+
+def free_port(host: str) -> int:
+    """A port free for both TCP and UDP on ``host``."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no free port on {host}")
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: Callable[[], str]
+) -> float:
+    """Poll ``check`` until true; return the seconds it took or fail."""
+    start = time.monotonic()
+    while True:
+        if check():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"not within {timeout:.1f}s: {what()}")
+        time.sleep(0.05)
+
+
+class Node:
+    """One ``python -m cronmesh.gossip.run`` process."""
+
+    def __init__(self, tmp: Path, name: str, host: str) -> None:
+        self.name = name
+        self.host = host
+        self.port = free_port(host)
+        self.addr = f"{host}:{self.port}"
+        self.status_path = tmp / f"{name}.json"
+        self.tags_path = tmp / f"{name}-tags.json"
+        self.log_path = tmp / f"{name}.log"
+        self.tags_path.write_text("{}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> Node:
+        cmd = [
+            sys.executable,
+            "-m",
+            "cronmesh.gossip.run",
+            "--name",
+            self.name,
+            "--bind",
+            self.addr,
+            "--profile",
+            PROFILE,
+            "--status-file",
+            str(self.status_path),
+            "--tags-file",
+            str(self.tags_path),
+            *extra,
+        ]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.status_path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def view(self) -> dict[str, dict[str, Any]]:
+        return {m["name"]: m for m in self.status().get("members", [])}
+
+    def states(self) -> dict[str, str]:
+        return {name: m["status"] for name, m in self.view().items()}
+
+    def dropped(self) -> int:
+        return int(self.status().get("stats", {}).get("dropped", 0))
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@dataclasses.dataclass
+class Cluster:
+    nodes: list[Node]
+    key: str
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes if n.running]
+
+    def views(self) -> str:
+        return "; ".join(f"{n.name}: {n.states()}" for n in self.live())
+
+    def converged(self) -> bool:
+        live = self.live()
+        names = {n.name for n in live}
+        for node in live:
+            states = node.states()
+            if any(states.get(name) != "alive" for name in names):
+                return False
+        return True
+
+    def wait_converged(self, timeout: float = CONVERGE_S) -> float:
+        return wait_until(self.converged, timeout, self.views)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("gossip")
+    key = generate_key()
+    nodes = [Node(tmp, f"n{i}", host) for i, host in enumerate(HOSTS)]
+    seed = nodes[0].addr
+    common = ("--encrypt", key, "--retry-interval", "0.2")
+    nodes[0].start(*common)
+    for node in nodes[1:]:
+        node.start(*common, "--join", seed)
+    yield Cluster(nodes, key)
+    for node in nodes:
+        if node.running:
+            assert node.proc is not None
+            node.proc.kill()
+            node.proc.wait()
+
+
+def healthy_detection_bound_s(n: int) -> float:
+    """Crash-to-everyone-knows bound of ``sim.detection_bound_ms`` for a
+    prober whose Lifeguard health multiplier stays 1: on loopback nothing
+    is lost, helpers' nacks arrive, so no probe is stretched."""
+    cfg = dataclasses.replace(CONFIG, awareness_max_multiplier=1)
+    first_suspect, then_everyone = detection_bound_ms(cfg, n)
+    return (first_suspect + then_everyone) / 1000
+
+
+def test_five_members_see_each_other_alive(cluster: Cluster) -> None:
+    took = cluster.wait_converged()
+    assert len(cluster.live()) == len(HOSTS)
+    print(f"5 members converged {took:.2f}s after the check began")
+
+
+def test_tag_change_with_sighup_reaches_everyone(cluster: Cluster) -> None:
+    cluster.wait_converged()
+    node = cluster.live()[1]
+    tags = {"role": "worker", "zone": f"z{random.randrange(1000)}"}
+    node.tags_path.write_text(json.dumps(tags))
+    node.signal(signal.SIGHUP)
+
+    def everywhere() -> bool:
+        return all(
+            n.view().get(node.name, {}).get("tags") == tags for n in cluster.live()
+        )
+
+    def seen() -> str:
+        views = {n.name: n.view().get(node.name, {}) for n in cluster.live()}
+        return f"{node.name} {tags} as seen: {views}\n{node.log()}"
+
+    took = wait_until(everywhere, TAGS_S, seen)
+    print(f"tag change seen everywhere after {took:.2f}s")
+
+
+def _garbage(rng: random.Random) -> list[bytes]:
+    other = Keyring([generate_key()])
+    alive = encode_message(Alive(1, "evil", OUTSIDER, 1, b""))
+    datagrams = [
+        b"",
+        b"\x01",
+        b"\x02",
+        b"\x02" + bytes(27),
+        encode_packet([alive], None),  # plaintext to an encrypted cluster
+        encode_packet([alive], other),  # sealed with a key nobody holds
+    ]
+    datagrams += [rng.randbytes(rng.randrange(1, 1400)) for _ in range(40)]
+    datagrams += [b"\x02" + rng.randbytes(rng.randrange(28, 200)) for _ in range(14)]
+    return datagrams
+
+
+def test_garbage_datagrams_are_dropped_and_counted(cluster: Cluster) -> None:
+    cluster.wait_converged()
+    target = cluster.live()[2]
+    before = target.dropped()
+    datagrams = _garbage(random.Random(7))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((OUTSIDER, 0))
+        for data in datagrams:
+            sock.sendto(data, (target.host, target.port))
+    # Two bad TCP exchanges too: junk, and a frame header announcing 4 GiB.
+    for junk in (b"\x00\x00\x00\x08" + b"\xff" * 8, b"\xff\xff\xff\xff"):
+        with socket.create_connection(
+            (target.host, target.port), timeout=5, source_address=(OUTSIDER, 0)
+        ) as conn:
+            conn.sendall(junk)
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(16) == b""  # closed without an answer
+    expected = before + len(datagrams) + 2
+    wait_until(
+        lambda: target.dropped() >= expected,
+        5.0,
+        lambda: f"dropped {target.dropped()} < {expected}\n{target.log()}",
+    )
+    assert target.running
+    assert "evil" not in target.view()
+    # Still healthy: every member still sees everyone alive a probe round on.
+    time.sleep(CONFIG.probe_interval_ms / 1000)
+    assert cluster.converged(), cluster.views()
+
+
+def test_wrong_key_member_is_not_admitted(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.wait_converged()
+    seed = cluster.live()[0]
+    before = seed.dropped()
+    intruder = Node(tmp_path, "intruder", OUTSIDER)
+    intruder.start(
+        "--encrypt",
+        generate_key(),
+        "--join",
+        seed.addr,
+        "--retry-max",
+        "3",
+        "--retry-interval",
+        "0.3",
+    )
+    code = intruder.wait(timeout=30)
+    assert code != 0, intruder.log()
+    assert seed.addr in intruder.log()
+    assert set(intruder.states()) == {"intruder"}
+    wait_until(
+        lambda: seed.dropped() >= before + 3,
+        5.0,
+        lambda: f"seed dropped {seed.dropped()}, before {before}",
+    )
+    for node in cluster.live():
+        assert "intruder" not in node.view(), node.name
+
+
+def test_killed_member_is_marked_failed_within_bound(cluster: Cluster) -> None:
+    cluster.wait_converged()
+    live = cluster.live()
+    assert len(live) >= 3
+    victim, rest = live[-1], live[:-1]
+    bound = healthy_detection_bound_s(len(live)) + SLACK_S
+    assert victim.proc is not None
+    victim.proc.kill()
+    start = time.monotonic()
+    victim.proc.wait()
+    seen: dict[str, float] = {}
+
+    def all_failed() -> bool:
+        for node in rest:
+            if node.name not in seen and node.states().get(victim.name) == "failed":
+                seen[node.name] = time.monotonic() - start
+        return len(seen) == len(rest)
+
+    wait_until(all_failed, bound, lambda: f"bound {bound:.1f}s; {cluster.views()}")
+    # No collateral: the survivors still see each other alive.
+    assert cluster.converged(), cluster.views()
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(seen.items()))
+    print(f"kill -9 of {victim.name} detected: {times} (bound {bound:.1f}s)")
+
+
+def test_sigterm_member_shows_left_everywhere(cluster: Cluster) -> None:
+    cluster.wait_converged()
+    live = cluster.live()
+    assert len(live) >= 2
+    victim, rest = live[-1], live[:-1]
+    victim.signal(signal.SIGTERM)
+    assert victim.wait(timeout=10) == 0, victim.log()
+
+    def all_left() -> bool:
+        return all(n.states().get(victim.name) == "left" for n in rest)
+
+    took = wait_until(all_left, TAGS_S, cluster.views)
+    assert victim.states().get(victim.name) == "left"
+    print(f"SIGTERM of {victim.name}: left everywhere {took:.2f}s after exit")
+
+
+def test_retry_join_to_dead_address_exits_nonzero(tmp_path: Path) -> None:
+    dead = f"{OUTSIDER}:{free_port(OUTSIDER)}"
+    node = Node(tmp_path, "lonely", OUTSIDER)
+    node.start("--join", dead, "--retry-max", "3", "--retry-interval", "0.2")
+    code = node.wait(timeout=30)
+    assert code == 1
+    log = node.log()
+    assert dead in log
+    assert "after 3 attempts" in log
+    assert os.path.exists(node.status_path)
