@@ -124,8 +124,8 @@ class RaftLog:
 
     def restore(self, meta: SnapshotMeta) -> None:
         """Replace the whole log by a snapshot received from the leader."""
-        # Limitation: entries after the snapshot are dropped even when they
-        # match the leader's; the leader sends them again.
+        # Only called when the log lacks the snapshot's last entry, so no
+        # entry after it can be the leader's (log matching): drop them all.
         self.snap_index, self.snap_term = meta.index, meta.term
         self.unstable = []
         self.offset = meta.index + 1

@@ -914,7 +914,11 @@ class RaftNode:
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
         self._follow(m.frm)
-        if m.snap_index <= self.commit:
+        if m.snap_index <= self.commit or self.log.matches(m.snap_index, m.snap_term):
+            # We hold the snapshot's last entry already: keep the log (and any
+            # entries we acknowledged after it) and only learn that it is
+            # committed (§5.3); a snapshot covers committed entries only.
+            self.commit = max(self.commit, m.snap_index)
             self._send(
                 AppendEntriesResp(
                     to=m.frm,

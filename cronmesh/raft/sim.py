@@ -20,6 +20,8 @@ of the safety properties of Raft (thesis §3.6.3, figure 3.2) breaks:
   leader of a term > T;
 * state machine safety: no two servers apply different entries at one index
   (a hash chain over applied entries, also compared for snapshots);
+* durable acknowledgements: a server never drops, in the same term, an entry
+  it told the leader it stores (the leader counted it towards a majority);
 * linearizable reads: a read is confirmed at an index covering every write
   acknowledged before it was asked.
 
@@ -30,6 +32,7 @@ that every acknowledged proposal is applied on every member.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -40,7 +43,13 @@ from dataclasses import dataclass, field
 
 from cronmesh.errors import InvariantViolation
 from cronmesh.raft.errors import RaftError
-from cronmesh.raft.messages import Message, decode, encode
+from cronmesh.raft.messages import (
+    AppendEntriesResp,
+    Message,
+    RequestVoteResp,
+    decode,
+    encode,
+)
 from cronmesh.raft.node import RaftConfig, RaftNode
 from cronmesh.raft.ready import Ready, Role
 from cronmesh.raft.storage import (
@@ -121,6 +130,8 @@ class Checker:
     applied: dict[int, str] = field(default_factory=dict)  # index -> digest
     committed: dict[int, tuple[int, int]] = field(default_factory=dict)
     acked: dict[str, int] = field(default_factory=dict)  # payload -> index
+    # server -> (term, highest index it acknowledged to that term's leader)
+    promised: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def on_leader(self, core: RaftNode) -> None:
         """``core`` just reported itself leader of ``core.term``."""
@@ -149,6 +160,25 @@ class Checker:
                     f"log matching: {core.id} has index {entry.index} term "
                     f"{entry.term} as {value!r}, elsewhere {seen!r}"
                 )
+
+    def on_ready(self, core: RaftNode, ready: Ready) -> None:
+        """An acknowledged entry is never dropped again in the same term."""
+        term, acked = self.promised.get(core.id, (0, 0))
+        if term == core.term:
+            cut = ready.truncate_from
+            if ready.snapshot is not None:
+                cut = ready.snapshot.meta.index + 1
+            if cut is not None and cut <= acked:
+                raise SafetyViolation(
+                    f"{core.id} drops entries from {cut} in term {term} after "
+                    f"acknowledging up to {acked}"
+                )
+        for msg in ready.messages:
+            if isinstance(msg, AppendEntriesResp) and msg.success:
+                if msg.term != term:
+                    term, acked = msg.term, 0
+                acked = max(acked, msg.match_index)
+        self.promised[core.id] = (term, acked)
 
     def on_commit(self, core: RaftNode, old: int, new: int) -> None:
         """A leader moved its commit index from ``old`` to ``new``."""
@@ -218,7 +248,14 @@ class Cluster:
         # Chance, per Ready, of a crash before persisting it (and, again, of a
         # crash after persisting but before sending and applying).
         self.crash_unpersisted = 0.0
+        # Chance, per Ready, of a reboot right after it was fully handled
+        # (volatile state lost, disk kept); ten times higher right after
+        # granting a vote, to catch a vote that was not made durable.
+        self.reboot = 0.0
         self.stats: Counter[str] = Counter()  # what happened, for tuning runs
+        # Test hook: sees each message at delivery; returns it, a replacement
+        # (e.g. an AppendEntries with fewer entries) or None to drop it.
+        self.intercept: Callable[[Message], Message | None] | None = None
         self._queue: list[tuple[int, int, Message]] = []
         self._counter = 0
         founders = set(ids if voters is None else voters)
@@ -309,6 +346,11 @@ class Cluster:
                 continue
             if frozenset((msg.frm, msg.to)) in self.cut:
                 continue
+            if self.intercept is not None:
+                replaced = self.intercept(msg)
+                if replaced is None:
+                    continue
+                msg = replaced
             node.core.step(msg)
             self.process(node)
 
@@ -320,7 +362,9 @@ class Cluster:
     def process(self, node: SimNode) -> None:
         """Run the driver loop for ``node``: ready, persist, send, apply, advance."""
         core = node.core
-        while core is not None and core.has_ready():
+        for _ in range(1000):
+            if core is None or not core.has_ready():
+                return
             ready = core.ready()
             if self.crash_unpersisted and self.rng.random() < self.crash_unpersisted:
                 self.stats["crash_unpersisted"] += 1
@@ -329,6 +373,7 @@ class Cluster:
             if not self._handle_ready(node, core, ready):
                 return
             core.advance(ready)
+        raise SimFailure(f"{node.id}: has_ready() never settles")
 
     def _handle_ready(self, node: SimNode, core: RaftNode, ready: Ready) -> bool:
         """Persist, send, apply; False if the server crashed on the way."""
@@ -336,6 +381,7 @@ class Cluster:
         if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
             check.on_leader(core)
         check.on_persist(core, ready.entries)
+        check.on_ready(core, ready)
         persist_ready(ready, node.log_store, node.stable)
         if ready.hard_state is not None:
             if core.role is Role.LEADER and ready.hard_state.commit > node.last_commit:
@@ -361,6 +407,20 @@ class Cluster:
             self._check_read(node, read.ctx, read.index)
         for ctx in ready.failed_reads:
             node.reads.pop(ctx, None)
+        return not self._maybe_reboot(node, ready)
+
+    def _maybe_reboot(self, node: SimNode, ready: Ready) -> bool:
+        if not self.reboot:
+            return False
+        voted = any(
+            isinstance(m, RequestVoteResp) and m.granted and not m.pre_vote
+            for m in ready.messages
+        )
+        if self.rng.random() >= self.reboot * (10 if voted else 1):
+            return False
+        self.stats["reboot"] += 1
+        self.crash(node.id)
+        self.restart(node.id)
         return True
 
     def _install(self, node: SimNode, snap: Snapshot) -> None:
@@ -507,15 +567,20 @@ class SimResult:
     stats: Counter[str]
 
 
-def _fast_config(node_id: str) -> RaftConfig:
-    return RaftConfig(
-        node_id=node_id,
-        election_ticks=8,
-        heartbeat_ticks=2,
-        max_msg_entries=4,
-        max_inflight=3,
-        snapshot_chunk_bytes=96,
+def _random_config(rng: random.Random) -> Callable[[str], RaftConfig]:
+    """Per-seed tunables; safety must hold for every combination."""
+    base = RaftConfig(
+        node_id="template",
+        election_ticks=rng.choice((5, 8, 12)),
+        heartbeat_ticks=rng.choice((1, 2)),
+        max_msg_entries=rng.choice((1, 2, 4, 8)),
+        max_inflight=rng.choice((1, 2, 4)),
+        snapshot_chunk_bytes=rng.choice((64, 256, 4096)),
+        # Without these, deposed leaders linger and logs diverge further.
+        pre_vote=rng.random() < 0.8,
+        check_quorum=rng.random() < 0.8,
     )
+    return lambda node_id: dataclasses.replace(base, node_id=node_id)
 
 
 class _Workload:
@@ -530,13 +595,18 @@ class _Workload:
         c, rng = self.c, self.rng
         ids = sorted(c.nodes)
         roll = rng.random()
+        leader = c.leader()
         if roll < 0.01:
             c.heal()
             c.partition(*self._split(ids))
+        elif roll < 0.015 and leader:
+            c.isolate(leader)  # the leader keeps taking writes it cannot commit
         elif roll < 0.05:
             c.heal()
-        elif roll < 0.058:
+        elif roll < 0.056:
             c.crash(rng.choice(ids))
+        elif roll < 0.06 and leader:
+            c.crash(leader)
         elif roll < 0.09:
             c.restart(rng.choice(ids))
 
@@ -551,7 +621,9 @@ class _Workload:
         # Each action looks the leader up again: the previous one may have
         # crashed it (a crash can hit between ready() and persisting).
         try:
-            if rng.random() < 0.35 and (leader := c.leader()):
+            # Any leader, stale ones included: a deposed leader cut off in a
+            # minority then grows an uncommitted, divergent log suffix.
+            if rng.random() < 0.35 and (leader := self._any_leader()):
                 self.counter += 1
                 c.propose(leader, f"w{self.counter}")
             if rng.random() < 0.01 and (leader := c.leader()):
@@ -570,6 +642,10 @@ class _Workload:
                     c.compact(node.id)
         except RaftError:
             pass
+
+    def _any_leader(self) -> str | None:
+        found = [n.id for n in self.c.live() if n.core and n.core.role is Role.LEADER]
+        return self.rng.choice(found) if found else None
 
     def _conf_change(self, leader: str) -> None:
         c, rng = self.c, self.rng
@@ -607,11 +683,12 @@ def run_seed(
     net = NetConfig(
         loss=rng.choice((0.0, 0.02, 0.1)),
         duplicate=rng.choice((0.0, 0.02)),
-        max_delay=rng.choice((0, 1, 3)),
+        max_delay=rng.choice((0, 1, 3, 6)),
         codec=0.05,
     )
-    cluster = Cluster(ids, seed, founders, net, _fast_config)
+    cluster = Cluster(ids, seed, founders, net, _random_config(rng))
     cluster.crash_unpersisted = 0.002
+    cluster.reboot = 0.005
     work = _Workload(cluster, rng)
     for _ in range(steps):
         work.faults()
@@ -621,7 +698,7 @@ def run_seed(
 
 
 def _heal_and_check(cluster: Cluster, seed: int, n: int, steps: int) -> SimResult:
-    cluster.crash_unpersisted = 0.0
+    cluster.crash_unpersisted = cluster.reboot = 0.0
     cluster.net = NetConfig(max_delay=cluster.net.max_delay)
     cluster.heal()
     for node_id in cluster.nodes:

@@ -6,12 +6,14 @@ scenario also fails on a safety break, not only on its own assertions.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Callable
 
 import pytest
 
-from cronmesh.raft.errors import NotLeader, TransferInProgress
-from cronmesh.raft.messages import RequestVote
+from cronmesh.raft.errors import TransferInProgress
+from cronmesh.raft.messages import AppendEntries, Message, RequestVote, TimeoutNow
 from cronmesh.raft.node import RaftConfig, RaftNode
 from cronmesh.raft.ready import Role
 from cronmesh.raft.sim import Cluster, NetConfig
@@ -235,12 +237,9 @@ def _figure8(net: NetConfig, seed: int) -> None:
     rng = random.Random(seed)
     up = set(c.nodes)
     for round_ in range(60):
-        leader = c.leader()
-        if leader is not None:
-            try:
-                c.propose(leader, f"f{round_}")
-            except NotLeader:
-                pass
+        for node in c.live():  # every server that believes it leads
+            if node.core is not None and node.core.role is Role.LEADER:
+                c.propose(node.id, f"f{round_}-{node.id}")
         c.run(rng.choice((1, 3, 13)))
         leader = c.leader()
         if leader is not None and rng.random() < 0.5:
@@ -257,6 +256,76 @@ def _figure8(net: NetConfig, seed: int) -> None:
     commit_all(c, "final")
     for payload in c.checker.acked:
         assert c.applied_everywhere(payload, list(c.nodes))
+
+
+def campaign(c: Cluster, node_id: str) -> None:
+    """Make ``node_id`` start an election now (as a leadership transfer would)."""
+    c.act(
+        node_id,
+        lambda core: core.step(TimeoutNow(to=node_id, frm=node_id, term=core.term)),
+    )
+    c.deliver()
+
+
+def strip_entries_of_term(sender: str, term: int) -> Callable[[Message], Message]:
+    """Deliver ``sender``'s AppendEntries without its entries of ``term``."""
+
+    def intercept(msg: Message) -> Message:
+        if isinstance(msg, AppendEntries) and msg.frm == sender:
+            kept = tuple(e for e in msg.entries if e.term != term)
+            return dataclasses.replace(msg, entries=kept)
+        return msg
+
+    return intercept
+
+
+def test_figure8_paper_sequence() -> None:
+    """Figure 8 step by step: an old-term entry on a majority is not committed."""
+    one_entry = lambda i: RaftConfig(node_id=i, max_msg_entries=1)  # noqa: E731
+    c = Cluster(ids(5), seed=1, make_config=one_entry)
+    campaign(c, "n1")
+    commit_all(c, "base")
+    # (a) n1 leads in term t and replicates X at index i to n2 only.
+    c.partition(["n1", "n2"], ["n3", "n4", "n5"])
+    i, t = c.propose("n1", "X")
+    c.deliver()
+    assert c.core("n2").log.term(i) == t
+    # (b) n1 crashes; n5 is elected in t+1 by n3, n4 and appends its no-op at
+    # i, which reaches nobody.
+    c.crash("n1")
+    c.heal()
+    c.intercept = lambda m: (
+        None if m.frm == "n5" and isinstance(m, AppendEntries) else m
+    )
+    campaign(c, "n5")
+    assert c.core("n5").role is Role.LEADER and c.core("n5").log.term(i) == t + 1
+    # (c) n5 crashes; n1 comes back, is elected in t+2, and X reaches n3
+    # (a majority: n1, n2, n3) while its own no-op does not.
+    c.crash("n5")
+    c.restart("n1")
+    c.intercept = strip_entries_of_term("n1", t + 2)
+    campaign(c, "n1")
+    if c.core("n1").role is not Role.LEADER:
+        campaign(c, "n1")  # n3, n4 voted for n5 in t+1: try again in t+2
+    assert c.core("n1").role is Role.LEADER and c.core("n1").term == t + 2
+    for _ in range(6):  # heartbeats let n1 find where n3's log ends
+        c.act("n1", lambda core: core.tick())
+        c.deliver()
+    assert c.core("n3").log.term(i) == t
+    # X is on a majority but from an older term: it must not commit (§3.6.2).
+    assert c.core("n1").commit < i
+    # (d) n1 crashes; n5 can win (its last term t+1 beats X's t) and
+    # overwrites X.  The checker would flag it had X been committed.
+    c.crash("n1")
+    c.intercept = None
+    c.restart("n5")
+    campaign(c, "n5")
+    if c.core("n5").role is not Role.LEADER:
+        campaign(c, "n5")
+    assert c.core("n5").role is Role.LEADER
+    c.restart("n1")
+    commit_all(c, "after")
+    assert not any("X" in c.nodes[n].sm.items for n in c.nodes)
 
 
 def test_figure8_reliable() -> None:
