@@ -45,6 +45,7 @@ __all__ = [
     "run_leave_scenario",
     "run_loss_scenario",
     "run_partition_scenario",
+    "run_restart_scenario",
 ]
 
 _PORT = 7946
@@ -109,21 +110,37 @@ class Simulator:
         """Start a member now; it joins through ``seeds`` (member names)."""
         index = len(self.nodes)
         host = f"10.{index // 65536}.{index // 256 % 256}.{index % 256}"
-        core = GossipCore(
+        node = SimNode(name, host, self._new_core(name, host), joined=not seeds)
+        self.nodes[name] = node
+        self._by_addr[(host, _PORT)] = node
+        self._join(node, seeds)
+        return node
+
+    def restart(self, name: str, seeds: list[str]) -> None:
+        """Bring a crashed member back as a fresh process (incarnation 1)."""
+        node = self.nodes[name]
+        node.core = self._new_core(name, node.host, f"-{self.now}")
+        node.up, node.left, node.joined, node.tick_at = True, False, False, None
+        self._join(node, seeds)
+
+    def watch(self, hook: Callable[[SimNode, Batch], None]) -> None:
+        """Call ``hook`` with every batch any member produces."""
+        self._on_batch.append(hook)
+
+    def _new_core(self, name: str, host: str, salt: str = "") -> GossipCore:
+        return GossipCore(
             name,
             host,
             _PORT,
             config=self.config,
-            rng=random.Random(f"core-{self.seed}-{name}"),
+            rng=random.Random(f"core-{self.seed}-{name}{salt}"),
             keyring=self.keyring,
             now_ms=self.now,
         )
-        node = SimNode(name, host, core, joined=not seeds)
-        self.nodes[name] = node
-        self._by_addr[(host, _PORT)] = node
+
+    def _join(self, node: SimNode, seeds: list[str] | None) -> None:
         addrs = [(self.nodes[s].host, _PORT) for s in seeds or []]
-        self._apply(node, core.join(self.now, addrs))
-        return node
+        self._apply(node, node.core.join(self.now, addrs))
 
     def start_cluster(self, n: int, gap_ms: int = 100) -> None:
         """Add ``n`` members about ``gap_ms`` apart, each joining a random
@@ -538,6 +555,33 @@ def run_leave_scenario(
     ok = not late and not failed and not sim.false_failures()
     detail = f"{leaver} left@{left_at} late={late[:5]} failed={len(failed)}"
     return ScenarioResult("leave", seed, ok, detail, times)
+
+
+def run_restart_scenario(
+    n: int, seed: int, config: GossipConfig | None = None
+) -> ScenarioResult:
+    """A member crashes, is declared dead, and restarts with incarnation 1.
+
+    Everyone holds it dead at a higher incarnation, so its fresh alive
+    message is ignored until it learns (from the join push-pull) that it is
+    considered dead and refutes; then all must see it alive again within
+    one minute.
+    """
+    sim = Simulator(seed=seed, config=config)
+    sim.start_cluster(n)
+    victim = f"m{sim._rng.randrange(1, n)}"
+    sim.crash(victim)
+    dead = sim.run_until_true(
+        sim.now + 120_000, lambda: sim.all_see(victim, MemberState.DEAD)
+    )
+    back_at = sim.now
+    others = [name for name in sorted(sim.nodes) if name != victim]
+    sim.restart(victim, [others[sim._rng.randrange(len(others))]])
+    merged = sim.run_until_converged(back_at + 60_000)
+    inc = sim.nodes[victim].core.local_member.incarnation
+    took = sim.now - back_at
+    detail = f"{victim} dead={dead} merged={merged} after={took}ms inc={inc}"
+    return ScenarioResult("restart", seed, dead and merged, detail, [took])
 
 
 def run_partition_scenario(

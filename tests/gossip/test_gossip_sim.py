@@ -20,6 +20,7 @@ from cronmesh.gossip.sim import (
     run_leave_scenario,
     run_loss_scenario,
     run_partition_scenario,
+    run_restart_scenario,
 )
 
 
@@ -45,6 +46,11 @@ def test_crash_detection_bound_holds_under_10pct_loss(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(100))
 def test_graceful_leave_is_reported_as_leave(seed: int) -> None:
     _check(run_leave_scenario(12, seed))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_restarted_member_refutes_its_death_and_rejoins(seed: int) -> None:
+    _check(run_restart_scenario(10, seed))
 
 
 @pytest.mark.parametrize("seed", range(40))
