@@ -150,7 +150,9 @@ class _Probe:
         "target",
     )
 
-    def __init__(self, seq: int, target: str, ack_deadline_ms: int, end_ms: int):
+    def __init__(
+        self, seq: int, target: str, ack_deadline_ms: int, end_ms: int
+    ) -> None:
         self.seq = seq
         self.target = target
         self.ack_deadline_ms = ack_deadline_ms  # direct ack expected by then

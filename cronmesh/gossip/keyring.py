@@ -80,7 +80,9 @@ def decode_key(key: str | bytes) -> bytes:
 class Keyring:
     """Installed keys plus the primary one; mutate only via the methods."""
 
-    def __init__(self, keys: Sequence[str | bytes], primary: str | bytes | None = None):
+    def __init__(
+        self, keys: Sequence[str | bytes], primary: str | bytes | None = None
+    ) -> None:
         """Build a ring; ``primary`` defaults to the first key.
 
         Raises:
