@@ -130,3 +130,52 @@ def test_start_errors_match(command: str) -> None:
     fast, slow = both({"command": command})
     assert fast == slow
     assert not fast.success
+
+
+def test_the_job_leads_its_own_session_and_group() -> None:
+    fast, slow = both({"command": "cat /proc/self/stat"})
+    for result in (fast, slow):
+        fields = result.output.rsplit(b")", 1)[1].split()
+        pid = int(result.output.split()[0])
+        assert (int(fields[2]), int(fields[3])) == (pid, pid)  # pgrp, session
+
+
+def test_cancelling_during_many_starts_leaves_nothing_running() -> None:
+    mark = f"100.{os.getpid()}{time.monotonic_ns() % 100_000}"
+
+    async def go() -> None:
+        runs = [
+            asyncio.ensure_future(
+                ShellExecutor().run(
+                    {"command": f"sleep {mark}"},
+                    OutputBuffer(),
+                    job_name="j",
+                    execution_id=str(i),
+                )
+            )
+            for i in range(20)
+        ]
+        await asyncio.sleep(0)
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await asyncio.sleep(0.5)
+
+    asyncio.run(go())
+    left = [
+        entry.name
+        for entry in os.scandir("/proc")
+        if entry.name.isdigit() and _cmdline_has(entry.name, mark)
+    ]
+    assert left == []
+
+
+def _cmdline_has(pid: str, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return text.encode() in cmdline and state != b"Z"
