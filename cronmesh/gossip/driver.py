@@ -423,8 +423,8 @@ class GossipDriver:
         small (2 in the ``local`` profile below 10 members) and an update
         then misses a member about one time in seven, which only the next
         periodic push-pull (15 s in ``local``) repairs. A direct push after
-        our own rare changes (tags, leave) makes them reach everyone in
-        one round trip.
+        our own rare changes (join, tags, leave) makes them reach everyone
+        in one round trip.
         """
         core = self._core
         if core is None or self._closing:
@@ -523,10 +523,15 @@ class GossipDriver:
     async def join(self, addresses: Sequence[str]) -> int:
         """Push-pull with each address (``host[:port]``, port defaulting to
         ours); return how many answered. Host names are resolved now; each
-        resolved IP is tried in turn until one answers."""
+        resolved IP is tried in turn until one answers. After a success our
+        state is also pushed to the members just learned (see
+        :meth:`_push_state`)."""
         self._require_core()
         results = await asyncio.gather(*(self._join_one(a) for a in addresses))
         joined = sum(results)
+        if joined:
+            # Tell everyone we just learned about, not only the seeds.
+            self._push_state()
         logger.info(
             "gossip join node=%s answered=%d of %d", self.name, joined, len(addresses)
         )
