@@ -105,7 +105,9 @@ class Cluster:
     async def start(
         self, extra_services: Callable[[grpc.aio.Server], None] | None = None
     ) -> None:
-        server = grpc.aio.server()
+        # Without this, gRPC binds with SO_REUSEPORT and a second agent on the
+        # same port would silently share it instead of failing.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         raft_pb2_grpc.add_RaftServicer_to_server(self.transport, server)
         if extra_services is not None:
             extra_services(server)

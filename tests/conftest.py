@@ -58,6 +58,8 @@ class AgentProcess:
             f"127.0.0.1:{self.port}",
             "--bind-addr",
             "127.0.0.1:0",
+            "--rpc-port",
+            str(self.rpc_port),
             *self.extra,
         ]
         log = self.log_path.open("ab")

@@ -236,6 +236,24 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
         agent.stop()
         return _reply(request, [])
 
+    @app.get("/v1/raft/peers")
+    async def raft_peers(request: Request) -> Response:
+        if agent.cluster is None:
+            raise NotFoundError("this agent is not a server: it has no Raft peers")
+        rows = agent.cluster.peers_table()
+        return _reply(request, rows, headers={"X-Total-Count": str(len(rows))})
+
+    @app.delete("/v1/raft/peers/{peer_id}")
+    async def remove_peer(request: Request, peer_id: str) -> Response:
+        if agent.cluster is None:
+            raise NotFoundError("this agent is not a server: it has no Raft peers")
+        if not agent.is_leader():
+            raise NotLeaderError(agent.leader_name() or "")
+        if peer_id not in agent.cluster.driver.membership.members:
+            raise NotFoundError(f"{peer_id!r} is not in the Raft configuration")
+        await agent.cluster.remove_peer(peer_id)
+        return _reply(request, agent.cluster.peers_table())
+
     @app.get("/v1/busy")
     async def busy(request: Request) -> Response:
         running = sorted(agent.store.running(), key=lambda e: e.started_at)

@@ -78,7 +78,7 @@ def _message(response: httpx.Response) -> str:
     return json.dumps(body)
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -109,7 +109,7 @@ def list_jobs(
     params = {"q": query} if query else {}
     jobs = Client(address).call("GET", "/v1/jobs", params=params).json()
     if as_json:
-        _print_json(jobs)
+        print_json(jobs)
     else:
         out.print(_job_table(jobs))
 
@@ -121,7 +121,7 @@ def show(
     """Show one job."""
     data = Client(address).call("GET", f"/v1/jobs/{job}").json()
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     table = Table("Field", "Value", show_header=False)
     for key, value in data.items():
@@ -156,7 +156,7 @@ def apply(
         client.call("POST", "/v1/jobs", json=job).json() for job in _load_jobs(file)
     ]
     if as_json:
-        _print_json(stored)
+        print_json(stored)
     else:
         for job in stored:
             out.print(
@@ -171,7 +171,7 @@ def delete(
     """Delete a job and its executions."""
     data = Client(address).call("DELETE", f"/v1/jobs/{job}").json()
     if as_json:
-        _print_json(data)
+        print_json(data)
     else:
         out.print(f"deleted [bold]{job}[/bold]")
 
@@ -184,7 +184,7 @@ def run(
     response = Client(address).call("POST", f"/v1/jobs/{job}/run")
     exec_id = response.headers.get("X-Execution-Id", "")
     if as_json:
-        _print_json({"job": job, "execution_id": exec_id})
+        print_json({"job": job, "execution_id": exec_id})
     else:
         out.print(f"started [bold]{job}[/bold] execution={exec_id or '-'}")
 
@@ -196,7 +196,7 @@ def toggle(
     """Enable a disabled job, or disable an enabled one."""
     data = Client(address).call("POST", f"/v1/jobs/{job}/toggle").json()
     if as_json:
-        _print_json(data)
+        print_json(data)
     else:
         state = "disabled" if data.get("disabled") else "enabled"
         out.print(f"[bold]{job}[/bold] is now {state}")
@@ -215,7 +215,7 @@ def executions(
         Client(address).call("GET", f"/v1/jobs/{job}/executions", params=params).json()
     )
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     table = Table("ID", "Node", "Started", "Finished", "Status", "Attempt")
     table.columns[0].overflow = "fold"

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from cronmesh import __version__
-from cronmesh.cli import agent_cmd, client, schedule
+from cronmesh.cli import agent_cmd, client, raft, schedule
 
 __all__ = ["app", "main"]
 
@@ -28,6 +28,7 @@ app.command("agent")(agent_cmd.agent)
 app.add_typer(client.jobs_app, name="jobs")
 app.command("executions")(client.executions)
 app.add_typer(schedule.app, name="schedule")
+app.add_typer(raft.app, name="raft")
 
 
 @app.command("version")

@@ -39,6 +39,14 @@ log = logging.getLogger("cronmesh.rpc")
 
 QUEUE_LIMIT = 4096
 CALL_TIMEOUT = 5.0
+# gRPC backs off up to 2 minutes between reconnects by default, and fails
+# calls at once meanwhile; a server that started a few seconds after its
+# peers would stay unreachable for that long. Raft wants it back in ~1 s.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 ProposeHandler = Callable[[bytes], Awaitable[raft_pb2.ProposeReply]]
 
@@ -58,7 +66,7 @@ class _Peer:
             if self.channel is not None:
                 self.closing = asyncio.ensure_future(self.channel.close())
             self.address = address
-            self.channel = grpc.aio.insecure_channel(address)
+            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self.stub = raft_pb2_grpc.RaftStub(self.channel)
         return self.stub
 

@@ -1,0 +1,127 @@
+"""Three real server processes on loopback agreeing through Raft."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from conftest import REPO, AgentProcess, shell_job
+
+
+def start_cluster(agent_factory: Any, size: int = 3) -> list[AgentProcess]:
+    nodes = [agent_factory(name=f"s{i}", start=False) for i in range(1, size + 1)]
+    for node in nodes:
+        node.extra += ["--bootstrap-expect", str(size)]
+        for other in nodes:
+            if other is not node:
+                node.extra += ["--peer", f"{other.name}=127.0.0.1:{other.rpc_port}"]
+    for node in nodes:
+        node.start(wait=False)
+    for node in nodes:
+        node.wait_ready(timeout=60)
+    return nodes
+
+
+def leader_of(nodes: list[AgentProcess], timeout: float = 20) -> AgentProcess:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for node in nodes:
+            try:
+                if node.http.get("/v1/isleader").status_code == 200:
+                    return node
+            except Exception:  # a node that is starting or dead
+                pass
+        time.sleep(0.1)
+    raise AssertionError("no leader elected")
+
+
+def peers(node: AgentProcess) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cronmesh",
+            "raft",
+            "list-peers",
+            "--json",
+            "--address",
+            node.url,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout))
+
+
+def job_names(node: AgentProcess) -> set[str]:
+    return {j["name"] for j in node.http.get("/v1/jobs").json()}
+
+
+def test_jobs_survive_the_leader_kill_and_the_old_leader_catches_up(
+    agent_factory: Any,
+) -> None:
+    nodes = start_cluster(agent_factory)
+    leader = leader_of(nodes)
+    rows = peers(leader)
+    assert {r["ID"] for r in rows} == {"s1", "s2", "s3"}
+    assert [r["ID"] for r in rows if r["State"] == "leader"] == [leader.name]
+    assert all(r["Voter"] for r in rows)
+
+    # Writes through every server; followers forward to the leader.
+    for i in range(100):
+        node = nodes[i % 3]
+        response = node.post_job(shell_job(f"job-{i:03d}", "true", "@manually"))
+        assert response.status_code == 201, (node.name, response.text)
+    assert (
+        leader.post_job(shell_job("tick", "echo tick", "@every 1s")).status_code == 201
+    )
+    for node in nodes:
+        node.wait_for("all jobs replicated", lambda n=node: len(job_names(n)) == 101)
+
+    leader.finished("tick", count=2, timeout=20)
+    leader.kill9()
+    survivors = [n for n in nodes if n is not leader]
+    new_leader = leader_of(survivors, timeout=20)
+    assert new_leader is not leader
+    for i in range(100, 110):
+        node = survivors[i % 2]
+        response = node.post_job(shell_job(f"job-{i:03d}", "true", "@manually"))
+        assert response.status_code == 201, response.text
+    tick_before = len(new_leader.executions("tick"))
+    new_leader.wait_for(
+        "tick runs on the new leader",
+        lambda: len(new_leader.executions("tick")) >= tick_before + 2,
+    )
+
+    leader.start()
+    leader.wait_for("old leader caught up", lambda: len(job_names(leader)) == 111, 60)
+    rows = {r["ID"]: r for r in peers(new_leader)}
+    assert rows[leader.name]["State"] == "follower" and rows[leader.name]["Voter"]
+    assert rows[new_leader.name]["State"] == "leader"
+    runs = new_leader.executions("tick")
+    instants = Counter(r["scheduled_at"] for r in runs)
+    assert max(instants.values()) == 1, "a fire instant ran twice across the failover"
+
+
+def test_no_writes_without_a_majority(agent_factory: Any) -> None:
+    nodes = start_cluster(agent_factory)
+    leader = leader_of(nodes)
+    followers = [n for n in nodes if n is not leader]
+    for node in followers:
+        node.kill9()
+    # Check-quorum makes the lone leader step down; writes are refused.
+    leader.wait_for(
+        "leader steps down",
+        lambda: leader.http.get("/v1/isleader").status_code == 404,
+        20,
+    )
+    response = leader.post_job(shell_job("lonely", "true"))
+    assert response.status_code == 503
+    assert "leader" in response.json()["error"]
