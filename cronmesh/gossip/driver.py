@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import ipaddress
 import logging
 import random
 import socket
@@ -194,12 +193,19 @@ def _is_wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
 
+def _family(host: str) -> int:
+    """AF_INET or AF_INET6 for an IP literal, 0 for anything else."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return family
+    return 0
+
+
 def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return _family(host) != 0
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes:
@@ -286,6 +292,7 @@ class GossipDriver:
         self._inbound = 0
         self._closing = False
         self._bound: tuple[str, int] | None = None
+        self._family = 0
         self._counters = _Counters()
 
     # --- lifecycle ------------------------------------------------------
@@ -318,7 +325,7 @@ class GossipDriver:
         if not _is_ip(adv_host):
             try:
                 infos = await loop.getaddrinfo(
-                    adv_host, adv_port, type=socket.SOCK_DGRAM
+                    adv_host, adv_port, family=self._family, type=socket.SOCK_DGRAM
                 )
             except OSError as exc:
                 await self._close_sockets()
@@ -359,6 +366,8 @@ class GossipDriver:
             raise
         self._udp, self._server = transport, server
         self._bound = (host, actual)
+        # Our sockets speak one address family; resolve names to it only.
+        self._family = int(transport.get_extra_info("socket").family)
 
     async def _close_sockets(self) -> None:
         if self._server is not None:
@@ -605,6 +614,10 @@ class GossipDriver:
     def _send(self, packet: OutPacket) -> None:
         if self._udp is None or self._udp.is_closing():
             return
+        if not _is_ip(packet.host):
+            # A peer advertised a name: sendto would resolve it blocking.
+            self._counters.send_errors += 1
+            return
         try:
             self._udp.sendto(packet.data, (packet.host, packet.port))
         except (OSError, ValueError) as exc:
@@ -771,7 +784,9 @@ class GossipDriver:
             return False
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await loop.getaddrinfo(
+                host, port, family=self._family, type=socket.SOCK_STREAM
+            )
         except OSError as exc:
             logger.warning(
                 "gossip join node=%s cannot resolve %s: %s", self.name, host, exc

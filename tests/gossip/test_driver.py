@@ -1,6 +1,7 @@
 """The gossip driver end to end: real runner processes on loopback.
 
-One encrypted five-member cluster (127.0.0.2 .. 127.0.0.6, ``local``
+A few in-process tests drive the :class:`GossipDriver` API directly. One
+encrypted five-member cluster (127.0.0.2 .. 127.0.0.6, ``local``
 profile) is shared by the module; each test first waits until the members
 still running agree, then changes one thing and polls the status files the
 runners write until every survivor shows the change or a deadline computed
@@ -10,6 +11,7 @@ Nothing is sent anywhere but 127.0.0.x.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -25,8 +27,10 @@ from typing import Any
 
 import pytest
 
+from cronmesh.errors import TransportError, ValidationError
 from cronmesh.gossip import Keyring, encode_message, encode_packet, generate_key
 from cronmesh.gossip.config import profile
+from cronmesh.gossip.driver import GossipDriver, MemberInfo, parse_address
 from cronmesh.gossip.messages import Alive
 from cronmesh.gossip.sim import detection_bound_ms
 
@@ -339,3 +343,109 @@ def test_retry_join_to_dead_address_exits_nonzero(tmp_path: Path) -> None:
     assert dead in log
     assert "after 3 attempts" in log
     assert os.path.exists(node.status_path)
+
+
+# --- in-process: the API an embedding agent uses ------------------------------
+
+
+def test_parse_address() -> None:
+    assert parse_address("10.0.0.1", 7946) == ("10.0.0.1", 7946)
+    assert parse_address("node-1:8946", 7946) == ("node-1", 8946)
+    assert parse_address("[::1]:9", 7946) == ("::1", 9)
+    assert parse_address("[fe80::1]", 7946) == ("fe80::1", 7946)
+    for bad in ("", ":80", "h:0", "h:x", "[::1", "[::1]x"):
+        with pytest.raises(ValidationError):
+            parse_address(bad, 7946)
+
+
+def test_wildcard_bind_needs_advertise() -> None:
+    with pytest.raises(ValidationError):
+        GossipDriver("a", ("0.0.0.0", 0))
+    GossipDriver("a", ("0.0.0.0", 0), advertise=("127.0.0.2", 7946))
+
+
+def test_driver_api_events_tags_leave_fail_retry() -> None:
+    asyncio.run(asyncio.wait_for(_api_scenario(), 60))
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"not within {timeout:.1f}s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _api_scenario() -> None:
+    seen: list[tuple[str, str]] = []
+    async_seen: list[str] = []
+
+    def record(kind: str, member: MemberInfo) -> None:
+        seen.append((kind, member.name))
+
+    def broken(kind: str, member: MemberInfo) -> None:
+        raise RuntimeError("handler bug")
+
+    async def slow(kind: str, member: MemberInfo) -> None:
+        await asyncio.sleep(0)
+        async_seen.append(kind)
+
+    a = GossipDriver("a", (OUTSIDER, 0), tags={"role": "x"}, profile=PROFILE)
+    a.add_event_handler(record)
+    a.add_event_handler(broken)
+    a.add_event_handler(slow)
+    b = GossipDriver("b", ("127.0.0.3", 0), profile=PROFILE, rng=random.Random(1))
+    c = GossipDriver("c", ("127.0.0.4", 0), profile=PROFILE)
+    assert a.members() == []
+    for driver in (a, b, c):
+        await driver.start()
+    assert a.bound_address is not None
+    port = a.bound_address[1]
+    dead = f"{OUTSIDER}:{free_port(OUTSIDER)}"
+    # A host name, resolved when joining (localhost is 127.0.0.1 for AF_INET).
+    assert await b.join([f"localhost:{port}"]) == 1
+    assert await c.join([f"{OUTSIDER}:{port}", dead]) == 1
+
+    def alive_everywhere(names: set[str]) -> bool:
+        return all(
+            {m.name for m in d.members() if m.status == "alive"} == names
+            for d in (a, b, c)
+            if d.name in names
+        )
+
+    await _until(lambda: alive_everywhere({"a", "b", "c"}), 10, "join")
+    info = next(m for m in b.members() if m.name == "a")
+    assert (info.addr, info.port, info.tags) == (OUTSIDER, port, {"role": "x"})
+    assert (info.status, info.incarnation) == ("alive", 1)
+    assert {("join", "b"), ("join", "c")} <= set(seen)
+    assert "join" in async_seen  # coroutine handlers run; a raising one is ignored
+
+    b.set_tags({"role": "y"})
+
+    def b_tags_at_a() -> bool:
+        return any(m.name == "b" and m.tags == {"role": "y"} for m in a.members())
+
+    await _until(b_tags_at_a, TAGS_S, "tag update")
+    assert ("update", "b") in seen
+
+    await c.leave(2.0)
+    await c.stop()
+    await _until(lambda: ("leave", "c") in seen, 5, "leave event")
+    assert {m.name: m.status for m in b.members()}["c"] == "left"
+
+    await b.stop()  # no goodbye: a must detect it
+    bound = healthy_detection_bound_s(2) + SLACK_S
+    await _until(lambda: ("failed", "b") in seen, bound, "failure detection")
+
+    with pytest.raises(TransportError, match=dead):
+        await a.retry_join([dead], interval=0.05, max_attempts=2)
+    stats = a.stats
+    assert stats.packets_in > 0 and stats.packets_out > 0
+    assert stats.probe_failures >= 1 and stats.dropped == 0
+    await a.stop()
+    await a.stop()  # idempotent
+    assert {m.name: m.status for m in a.members()} == {
+        "a": "alive",
+        "b": "failed",
+        "c": "left",
+    }
