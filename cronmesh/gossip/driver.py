@@ -76,6 +76,8 @@ MAX_STREAM_BYTES = 8 * 1024 * 1024
 PUSH_ON_CHANGE_FANOUT = 16
 # Inbound TCP exchanges served at once; further connections are closed.
 _MAX_INBOUND_STREAMS = 64
+# Limitation: our own TCP framing (u32 length), as the codec is our own;
+# memberlist/serf peers cannot talk to us at the gossip layer.
 _FRAME = struct.Struct(">I")
 
 # Serf's status names for the core's member states.
@@ -628,6 +630,8 @@ class GossipDriver:
         self._counters.bytes_out += len(packet.data)
 
     def _deliver(self, kind: str, member: MemberInfo) -> None:
+        # Limitation: sync handlers run inline on the loop; a slow one
+        # delays acks and can get us suspected. Offload heavy work.
         for handler in list(self._handlers):
             try:
                 result = handler(kind, member)
@@ -656,6 +660,8 @@ class GossipDriver:
     # --- internals: UDP ---------------------------------------------------
 
     def _on_datagram(self, data: bytes, src: tuple[str, int]) -> None:
+        # Limitation: no per-source rate limit; a flood costs one decode (and
+        # an AES-GCM attempt per installed key) per datagram.
         core = self._core
         if core is None or self._closing:
             return
