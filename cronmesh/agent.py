@@ -16,7 +16,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import uvicorn
@@ -165,6 +165,12 @@ class Agent:
     def is_leader(self) -> bool:
         return self.log.is_leader()
 
+    def problems(self) -> list[str]:
+        """What keeps this node from working, for /health."""
+        if self.cluster is not None and self.cluster.driver.broken:
+            return [self.cluster.driver.broken]
+        return []
+
     def leader_name(self) -> str | None:
         if self.cluster is None:
             return self.node_name
@@ -264,16 +270,26 @@ class Agent:
         return job
 
     def next_fire(self, job: Job) -> datetime | None:
-        """The instant the job will really fire next (None: not scheduled)."""
-        if self.scheduler.running:
-            return self.scheduler.next_fire(job.name)
-        if not job.schedule:
+        """The instant the job will really fire next (None: not scheduled).
+
+        Fires before `starts_at` or after `expires_at` are skipped, so they
+        are not `next` either.
+        """
+        if not job.schedule or job.disabled:
             return None
         try:
             schedule = parse_schedule(job.schedule, job.timezone, job.name)
         except CronmeshError:
             return None
-        return schedule.next_after(datetime.now(UTC))
+        now = datetime.now(UTC)
+        nxt = self.scheduler.next_fire(job.name) if self.scheduler.running else None
+        if nxt is None and not self.scheduler.running:
+            nxt = schedule.next_after(now)
+        if nxt is not None and job.starts_at is not None and nxt < job.starts_at:
+            nxt = schedule.next_after(job.starts_at - timedelta(microseconds=1))
+        if nxt is not None and job.expires_at is not None and nxt > job.expires_at:
+            return None
+        return nxt
 
     def job_json(self, job: Job) -> dict[str, Any]:
         data = job.to_json()
@@ -302,7 +318,10 @@ class Agent:
     async def _lead(self) -> None:
         self.dispatcher.active = True
         if not self.scheduler.running:
-            self.scheduler.start()
+            try:
+                self.scheduler.start()
+            except Exception:
+                log.exception("scheduler failed to start node=%s", self.node_name)
 
     async def _follow(self) -> None:
         self.dispatcher.active = False

@@ -126,9 +126,19 @@ class Cluster:
         )
 
     async def _bootstrap_then_run(self) -> None:
-        if not self.driver.has_state():
-            await self._wait_for_founders()
-        self.driver.start()
+        try:
+            if not self.driver.has_state():
+                if self.driver.fsm.store.applied_index() > 0:
+                    raise CronmeshError(
+                        "the data dir holds state but no Raft log (written by a "
+                        "build before Raft); use a new data dir and restore a backup"
+                    )
+                await self._wait_for_founders()
+            self.driver.start()
+        except Exception as exc:
+            log.exception("raft could not start node=%s", self.name)
+            self.driver.broken = f"raft could not start: {exc}"
+            return
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL)
             if self.driver.is_leader():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -56,9 +57,19 @@ class PrettyJSON(JSONResponse):
         super().__init__(content, status_code=status_code, headers=headers)
 
     def render(self, content: Any) -> bytes:
+        indent = 4 if self.pretty else None
+        separators = None if self.pretty else (",", ":")
+        text = json.dumps(
+            content, indent=indent, separators=separators, ensure_ascii=False
+        )
         if self.pretty:
-            return (json.dumps(content, indent=4, ensure_ascii=False) + "\n").encode()
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode()
+            text += "\n"
+        try:
+            return text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (from an old row or an error quoting input):
+            # JSON can still carry it escaped.
+            return json.dumps(content, indent=indent, separators=separators).encode()
 
 
 def _reply(
@@ -85,6 +96,8 @@ async def _read_json(request: Request) -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise ValidationError(f"body: invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ValidationError("body: JSON nested too deeply") from exc
 
 
 def _bool_query(value: str | None) -> bool:
@@ -194,6 +207,10 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
         body: dict[str, Any] = {"status": "healthy"}
         if agent.config.server:
             body["leader"] = agent.is_leader()
+        problems = agent.problems()
+        if problems:
+            body.update(status="unhealthy", issues=problems)
+            return _reply(request, body, 503)
         return _reply(request, body)
 
     @app.get("/metrics")
@@ -306,9 +323,10 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
         job, _ = await agent.set_job(data)
         if "runoncreate" in request.query_params:
             await agent.run_job(job.name)
-        location = f"{request.url.path.rstrip('/')}"
+        location = request.url.path.rstrip("/")
         if name is None:
             location = f"{location}/{job.name}"
+        location = quote(location, safe="/")
         return _reply(request, agent.job_json(job), 201, headers={"Location": location})
 
     @app.post("/v1/jobs")
@@ -359,7 +377,7 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
     async def run_job(request: Request, job: str) -> Response:
         execution = await agent.run_job(job)
         body = agent.job_json(agent.get_job(job))
-        headers = {"Location": request.url.path}
+        headers = {"Location": quote(request.url.path, safe="/")}
         if execution is not None:
             headers["X-Execution-Id"] = execution.id
         return _reply(request, body, 202, headers=headers)
@@ -368,7 +386,9 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
     async def toggle(request: Request, job: str) -> Response:
         stored = await agent.toggle_job(job)
         return _reply(
-            request, agent.job_json(stored), headers={"Location": request.url.path}
+            request,
+            agent.job_json(stored),
+            headers={"Location": quote(request.url.path, safe="/")},
         )
 
 

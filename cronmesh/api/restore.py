@@ -24,6 +24,8 @@ def parse_backup(data: bytes) -> list[Any]:
         document = json.loads(data)
     except ValueError as exc:
         raise ValidationError(f"file: invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ValidationError("file: JSON nested too deeply") from exc
     if isinstance(document, dict) and isinstance(document.get("jobs"), list):
         return list(document["jobs"])
     if isinstance(document, list):
@@ -44,6 +46,17 @@ async def restore_jobs(
         except ValidationError as exc:
             name = item.get("name") if isinstance(item, dict) else None
             rejected.append({"index": position, "name": name, "error": str(exc)})
+    seen: set[str] = set()
+    for job in valid:
+        if job["name"] in seen:
+            rejected.append(
+                {
+                    "index": None,
+                    "name": job["name"],
+                    "error": "appears more than once in the file",
+                }
+            )
+        seen.add(job["name"])
     if rejected:
         raise ValidationError(
             f"file: {len(rejected)} of {len(jobs)} jobs are invalid; nothing was "

@@ -134,10 +134,14 @@ def _load_jobs(path: Path) -> list[Any]:
         text = sys.stdin.read() if str(path) == "-" else path.read_text()
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror}", 2)
+    except UnicodeDecodeError as exc:
+        fail(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", 2)
     try:
         data = json.loads(text)
     except ValueError as exc:
         fail(f"{path}: invalid JSON: {exc}", 2)
+    except RecursionError:
+        fail(f"{path}: JSON nested too deeply", 2)
     return data if isinstance(data, list) else [data]
 
 

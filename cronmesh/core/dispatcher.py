@@ -106,8 +106,10 @@ class Dispatcher:
         job = self.store.get_job(job_name)
         if job is None:
             raise NotFoundError(f"job {job_name!r} not found")
-        if trigger == "schedule":
-            reason = _not_runnable(job.disabled, job.starts_at, job.expires_at, fire_at)
+        if trigger != "manual":
+            # Dkron's isRunnable: only an explicit manual run overrides these.
+            when = fire_at or self.clock()
+            reason = _not_runnable(job.disabled, job.starts_at, job.expires_at, when)
             if reason:
                 log.debug("skipping fire job=%s reason=%s", job_name, reason)
                 return FireOutcome(skipped=reason)

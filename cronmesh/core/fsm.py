@@ -27,6 +27,8 @@ from datetime import datetime
 from itertools import islice
 from typing import Any
 
+import lmdb
+
 from cronmesh.core.model import (
     STATUS_FAILED,
     STATUS_PARTIALLY_FAILED,
@@ -140,7 +142,12 @@ class StateMachine:
         results = self.store.data.write(run)
         for event in events:
             for listener in self.listeners:
-                listener(event)
+                try:
+                    listener(event)
+                except Exception:  # a listener's bug must not stop applying
+                    log.exception(
+                        "fsm listener failed event=%s job=%s", event.kind, event.job
+                    )
         return results
 
     def _apply_one(
@@ -152,7 +159,16 @@ class StateMachine:
         except (ValueError, KeyError, TypeError):
             log.warning("skipping undecodable command bytes=%d", len(payload))
             return _fail(400, "undecodable command")
-        return handler(view, command, events)
+        try:
+            return handler(view, command, events)
+        except lmdb.MapFullError:
+            raise  # the data dir grows the map and runs the batch again
+        except Exception as exc:
+            # Handlers check before they write, so a failure here (a bug, a
+            # value LMDB refuses) has written nothing; every server fails the
+            # same way on the same bytes, so skipping it keeps them equal.
+            log.exception("command failed op=%s", command.get("op"))
+            return _fail(500, f"command {command.get('op')!r} failed: {exc}")
 
     # -- jobs
     def _set_job(

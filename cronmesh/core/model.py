@@ -41,8 +41,10 @@ STATUS_SUCCESS = "success"
 STATUS_FAILED = "failed"
 STATUS_PARTIALLY_FAILED = "partially_failed"
 STATUS_RUNNING = "running"
+JOB_STATUSES = (STATUS_SUCCESS, STATUS_FAILED, STATUS_PARTIALLY_FAILED, STATUS_RUNNING)
 
-# LMDB keys are at most 511 bytes; a name is part of every execution key.
+# LMDB keys are at most 511 bytes; a job name (in UTF-8 bytes) is part of
+# every execution key, with the start time and the node name (<= 128 bytes).
 MAX_NAME_LENGTH = 200
 
 
@@ -83,9 +85,9 @@ def validate_name(name: Any, field_name: str = "name") -> str:
         raise ValidationError(f"{field_name}: expected a string", field_name)
     if name == "":
         raise ValidationError(f"{field_name}: cannot be empty", field_name)
-    if len(name) > MAX_NAME_LENGTH:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_LENGTH:
         raise ValidationError(
-            f"{field_name}: longer than {MAX_NAME_LENGTH} characters", field_name
+            f"{field_name}: longer than {MAX_NAME_LENGTH} bytes in UTF-8", field_name
         )
     for char in name:
         if char in "0123456789_-" or unicodedata.category(char) == "Ll":
@@ -98,13 +100,24 @@ def validate_name(name: Any, field_name: str = "name") -> str:
     return name
 
 
+def check_text(value: str, key: str) -> str:
+    """`value` itself, if it can be stored and sent as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(
+            f"{key}: not valid Unicode text (a lone surrogate at {exc.start})", key
+        ) from exc
+    return value
+
+
 def _string(data: dict[str, Any], key: str) -> str:
     value = data.get(key)
     if value is None:
         return ""
     if not isinstance(value, str):
         raise ValidationError(f"{key}: expected a string", key)
-    return value
+    return check_text(value, key)
 
 
 def _bool(data: dict[str, Any], key: str) -> bool:
@@ -131,12 +144,14 @@ def _string_map(value: Any, key: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValidationError(f"{key}: expected an object of strings", key)
     for k, v in value.items():
+        check_text(k, key)
         if not isinstance(v, str):
             raise ValidationError(
                 f"{key}.{k}: expected a string, got {type(v).__name__} "
                 f'(write it as "{json_hint(v)}")',
                 f"{key}.{k}",
             )
+        check_text(v, f"{key}.{k}")
     return dict(value)
 
 
@@ -235,6 +250,10 @@ class Job:
                 )
         if keep_runtime:
             job.status = _string(data, "status")
+            if job.status not in ("", *JOB_STATUSES):
+                raise ValidationError(
+                    f"status: {job.status!r} is not one of {JOB_STATUSES}", "status"
+                )
             job.success_count = _uint(data, "success_count")
             job.error_count = _uint(data, "error_count")
             job.last_success = parse_time(data.get("last_success"), "last_success")

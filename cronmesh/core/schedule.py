@@ -767,7 +767,10 @@ class _EverySchedule:
         # Absolute arithmetic in UTC: adding 24h to a Berlin wall time would
         # otherwise land on the same wall time across a DST change.
         now = _require_aware(after).replace(microsecond=0)
-        return (now + self.interval).astimezone(self.zone)
+        try:
+            return (now + self.interval).astimezone(self.zone)
+        except OverflowError:
+            return None  # past the year 9999: never
 
 
 @dataclass(frozen=True)
@@ -886,6 +889,11 @@ def _parse_every(text: str, zone: ZoneInfo, rest: str) -> _EverySchedule:
     seconds = nanoseconds // 1_000_000_000 if nanoseconds > 0 else 0
     if seconds < 1:
         raise ScheduleError("@every duration must be at least 1s", field="schedule")
+    if nanoseconds >= 1 << 63:
+        # Go's time.Duration (and so Dkron) ends at about 292 years.
+        raise ScheduleError(
+            "@every duration longer than 2562047h (about 292 years)", field="schedule"
+        )
     return _EverySchedule(text, zone, timedelta(seconds=seconds))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
-from cronmesh.errors import CronmeshError, RemoteError, TransportError
+from cronmesh.errors import RemoteError, StorageError, TransportError
 from cronmesh.raft.errors import NotLeader, ProposalDropped, RaftError
 from cronmesh.raft.messages import Message
 from cronmesh.raft.node import RaftConfig, RaftNode
@@ -82,6 +82,7 @@ class RaftDriver:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.leader: str | None = None
+        self.broken = ""  # why the driver stopped, when it did
         self.role = Role.FOLLOWER
         self.term = 0
 
@@ -141,6 +142,8 @@ class RaftDriver:
 
     async def propose(self, payload: bytes) -> ApplyResult:
         """Apply `payload` through the leader (CommandLog protocol)."""
+        if self.broken:
+            raise StorageError(self.broken)
         if self.role is not Role.LEADER:
             return await self._forward(payload)
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
@@ -196,9 +199,12 @@ class RaftDriver:
                     self._handle(ready)
                     self._node().advance(ready)
                 self._maybe_compact()
-            except CronmeshError:
+            except Exception as exc:
+                # Persisting or applying failed: going on could break Raft's
+                # promises, so this server stops taking part, loudly.
                 log.exception("raft driver stopped node_id=%s", self.node_id)
-                raise
+                self._fail_all(exc)
+                return
             await asyncio.sleep(0)
 
     def _node(self) -> RaftNode:
@@ -296,6 +302,21 @@ class RaftDriver:
                 self._drop_pending()
             for callback in self.on_role:
                 callback(role is Role.LEADER)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self.broken = f"raft stopped: {exc}"
+        self.role, self.leader = Role.FOLLOWER, None
+        for callback in self.on_role:
+            callback(False)
+        error = StorageError(self.broken)
+        waiting = [f for _, f in self._pending.values()]
+        waiting += [f for _, f in self._proposals] + [f for _, f in self._changes]
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        self._proposals.clear()
+        self._changes.clear()
 
     def _drop_pending(self) -> None:
         for _, future in self._pending.values():
