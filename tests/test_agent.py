@@ -317,3 +317,20 @@ def test_sigterm_waits_for_running_jobs_then_exits_0(
     agent.start()
     runs = agent.executions("finish-me")
     assert len(runs) == 1 and runs[0]["success"] is True
+
+
+def test_disabled_dependent_job_does_not_run(agent: AgentProcess) -> None:
+    agent.post_job(shell_job("p", "true"))
+    agent.post_job(
+        {
+            "name": "c",
+            "parent_job": "p",
+            "disabled": True,
+            "executor": "shell",
+            "executor_config": {"command": "true"},
+        }
+    )
+    agent.http.post("/v1/jobs/p/run")
+    agent.finished("p")
+    time.sleep(1.5)
+    assert agent.executions("c") == []

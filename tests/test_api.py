@@ -271,3 +271,50 @@ def test_restore_is_all_or_nothing(agent: AgentProcess) -> None:
         == 404
     )
     assert agent.http.get("/v1/jobs/kid").status_code == 404
+
+
+def test_hostile_input_found_by_adversarial_testing(agent: AgentProcess) -> None:
+    long_name = "\U0001d41a" * 125  # 125 letters, 500 bytes: too long for a key
+    response = agent.post_job(shell_job(long_name, "true"))
+    assert response.status_code == 400 and "bytes" in response.json()["error"]
+    surrogate = (
+        '{"name":"sur","schedule":"@manually","executor":"shell",'
+        '"executor_config":{"command":"true"},"tags":{"k":"\\ud800"}}'
+    )
+    response = agent.http.post("/v1/jobs", content=surrogate)
+    assert response.status_code == 400 and "surrogate" in response.json()["error"]
+    assert agent.http.get("/v1/jobs").status_code == 200
+    deep = "[" * 100_000 + "]" * 100_000
+    response = agent.http.post("/v1/jobs", content=deep)
+    assert response.status_code == 400 and "nested" in response.json()["error"]
+    huge = agent.post_job(shell_job("poison", "true", "@every 100000000h"))
+    assert huge.status_code == 400
+    cyrillic = agent.post_job(shell_job("задача", "echo ok"))
+    assert cyrillic.status_code == 201, cyrillic.text
+    assert agent.http.post("/v1/jobs/задача/run").status_code == 202
+    assert agent.finished("задача")[0]["output"] == "ok\n"
+    assert agent.post_job(shell_job("after-poison", "true")).status_code == 201
+
+
+def test_restore_refuses_duplicates(agent: AgentProcess) -> None:
+    twice = [shell_job("dup", "true"), shell_job("dup", "false")]
+    response = agent.http.post("/v1/restore", files={"file": json.dumps(twice)})
+    assert response.status_code == 400 and "more than once" in response.json()["error"]
+    bogus = [{**shell_job("st", "true"), "status": "bogus"}]
+    response = agent.http.post("/v1/restore", files={"file": json.dumps(bogus)})
+    assert response.status_code == 400
+    assert agent.http.get("/v1/jobs").json() == []
+
+
+def test_next_honours_starts_at_and_expires_at(agent: AgentProcess) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    later = datetime.now(UTC) + timedelta(hours=1)
+    agent.post_job(
+        shell_job("later", "true", "*/5 * * * * *", starts_at=later.isoformat())
+    )
+    nxt = datetime.fromisoformat(agent.http.get("/v1/jobs/later").json()["next"])
+    assert nxt >= later
+    past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    agent.post_job(shell_job("expired", "true", "*/5 * * * * *", expires_at=past))
+    assert agent.http.get("/v1/jobs/expired").json()["next"] is None
