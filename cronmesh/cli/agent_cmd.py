@@ -71,19 +71,35 @@ def _config_from_file(path: Path) -> AgentConfig:
 
 def agent(
     server: Annotated[
-        bool, typer.Option("--server", help="Run as a server (Raft voter).")
+        bool,
+        typer.Option("--server", help="Be a server: hold the replicated state (Raft)."),
     ] = False,
-    bootstrap_expect: Annotated[int, typer.Option("--bootstrap-expect", min=0)] = 0,
+    bootstrap_expect: Annotated[
+        int,
+        typer.Option(
+            "--bootstrap-expect",
+            min=0,
+            help="Servers to wait for before the first election (0/1: alone).",
+        ),
+    ] = 0,
     data_dir: Annotated[
-        str, typer.Option("--data-dir", help="Where state lives.")
+        str,
+        typer.Option("--data-dir", help="Where state lives (default: cronmesh.data)."),
     ] = "",
     node_name: Annotated[
         str, typer.Option("--node-name", help="Default: host name.")
     ] = "",
     http_addr: Annotated[
-        str, typer.Option("--http-addr", help="HTTP API address.")
+        str,
+        typer.Option("--http-addr", help="HTTP API address (default: 127.0.0.1:8080)."),
     ] = "",
-    bind_addr: Annotated[str, typer.Option("--bind-addr", help="Gossip address.")] = "",
+    bind_addr: Annotated[
+        str,
+        typer.Option(
+            "--bind-addr",
+            help="Address to bind; its host also serves RPC (default: 0.0.0.0:8946).",
+        ),
+    ] = "",
     peer: Annotated[
         list[str] | None,
         typer.Option(
@@ -91,29 +107,52 @@ def agent(
         ),
     ] = None,
     rpc_port: Annotated[
-        int | None, typer.Option("--rpc-port", min=1, max=65535)
+        int | None,
+        typer.Option(
+            "--rpc-port", min=1, max=65535, help="gRPC port for Raft (default: 6868)."
+        ),
     ] = None,
     tag: Annotated[
         list[str] | None, typer.Option("--tag", help="key=value, repeatable.")
     ] = None,
     log_level: Annotated[
-        str, typer.Option("--log-level", help="debug|info|warning|error")
+        str,
+        typer.Option(
+            "--log-level", help="debug, info, warning or error (default: info)."
+        ),
     ] = "",
     config_file: Annotated[
         Path | None, typer.Option("--config", help="JSON, TOML or YAML.")
     ] = None,
     max_executions: Annotated[
-        int | None, typer.Option("--max-executions", min=1, help="Kept per job.")
+        int | None,
+        typer.Option(
+            "--max-executions", min=1, help="Executions kept per job (default: 100)."
+        ),
     ] = None,
     max_output: Annotated[
-        int | None, typer.Option("--max-output", min=1024, help="Bytes kept per run.")
+        int | None,
+        typer.Option(
+            "--max-output",
+            min=1024,
+            help="Output bytes kept per run, the end (default: 256000).",
+        ),
     ] = None,
     shutdown_grace: Annotated[
         float | None,
-        typer.Option("--shutdown-grace", min=0, help="Seconds jobs get on SIGTERM."),
+        typer.Option(
+            "--shutdown-grace",
+            min=0,
+            help="Seconds running jobs get on SIGTERM (default: 30).",
+        ),
     ] = None,
     catch_up_window: Annotated[
-        float | None, typer.Option("--catch-up-window", min=0, help="Seconds.")
+        float | None,
+        typer.Option(
+            "--catch-up-window",
+            min=0,
+            help="Seconds a missed fire may still run late (default: 60).",
+        ),
     ] = None,
 ) -> None:
     """Start a cronmesh agent (a node)."""
