@@ -608,7 +608,9 @@ class _Workload:
         elif roll < 0.06 and leader:
             c.crash(leader)
         elif roll < 0.09:
-            c.restart(rng.choice(ids))
+            down = sorted(n for n in ids if c.nodes[n].core is None)
+            if down:
+                c.restart(rng.choice(down))
 
     def _split(self, ids: list[str]) -> tuple[list[str], list[str]]:
         shuffled = list(ids)
@@ -677,7 +679,7 @@ def run_seed(
     """
     rng = random.Random(seed)
     n = nodes or rng.choice((3, 3, 4, 5))
-    steps = steps or 250
+    steps = steps or 200
     ids = [f"n{i}" for i in range(1, n + 1)]
     founders = ids if n == 3 or rng.random() < 0.5 else ids[:-1]
     make_config = _random_config(rng)
@@ -691,8 +693,8 @@ def run_seed(
         codec=0.05,
     )
     cluster = Cluster(ids, seed, founders, net, make_config)
-    cluster.crash_unpersisted = 0.002
-    cluster.reboot = 0.005
+    cluster.crash_unpersisted = 0.0005
+    cluster.reboot = 0.002
     work = _Workload(cluster, rng)
     for _ in range(steps):
         work.faults()

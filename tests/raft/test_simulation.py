@@ -1,6 +1,6 @@
 """Randomized simulation: 2,000 seeds of faulty clusters, checked for safety.
 
-Each seed runs 3-5 servers for 250 faulty ticks (loss, delay, duplication,
+Each seed runs 3-5 servers for 200 faulty ticks (loss, delay, duplication,
 partitions, crashes that lose unpersisted state, membership changes,
 compaction and snapshots, transfers, reads), then heals and requires every
 acknowledged write on every member.  Replay a failure with the command in
