@@ -58,7 +58,15 @@ from cronmesh.raft.storage import (
     bootstrap,
     persist_ready,
 )
-from cronmesh.raft.types import ConfChange, ConfChangeOp, Entry, EntryKind, Snapshot
+from cronmesh.raft.types import (
+    ConfChange,
+    ConfChangeOp,
+    Entry,
+    EntryKind,
+    Membership,
+    Snapshot,
+    decode_config_entry,
+)
 
 __all__ = [
     "Checker",
@@ -87,11 +95,12 @@ class SimFailure(AssertionError):
 
 @dataclass
 class StateMachine:
-    """A toy application: the set of applied commands plus a hash chain."""
+    """A toy application: applied commands, the configuration, a hash chain."""
 
     index: int = 0  # last applied log index
     digest: str = ""  # hash chain over every applied entry, hex
     items: set[str] = field(default_factory=set)
+    membership: Membership = field(default_factory=Membership)  # last applied
 
     def apply(self, entry: Entry) -> None:
         if entry.index != self.index + 1:
@@ -103,15 +112,32 @@ class StateMachine:
         self.index = entry.index
         if entry.kind is EntryKind.NORMAL:
             self.items.add(entry.data.decode())
+        elif entry.kind is EntryKind.CONFIG:
+            self.membership = decode_config_entry(entry.data)
 
     def snapshot(self) -> bytes:
-        doc = {"index": self.index, "digest": self.digest, "items": sorted(self.items)}
+        doc = {
+            "index": self.index,
+            "digest": self.digest,
+            "items": sorted(self.items),
+            "voters": sorted(self.membership.voters),
+            "learners": sorted(self.membership.learners),
+        }
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
     def restore(cls, data: bytes) -> StateMachine:
         doc = json.loads(data)
-        return cls(doc["index"], doc["digest"], set(doc["items"]))
+        membership = Membership(frozenset(doc["voters"]), frozenset(doc["learners"]))
+        return cls(doc["index"], doc["digest"], set(doc["items"]), membership)
+
+    def check_snapshot(self, node_id: str, snap: Snapshot) -> None:
+        """A snapshot carries the configuration in force at its index."""
+        if snap.meta.membership != self.membership:
+            raise SafetyViolation(
+                f"{node_id}: snapshot at {snap.meta.index} carries "
+                f"{snap.meta.membership}, state machine has {self.membership}"
+            )
 
 
 # ----------------------------------------------------------------------
@@ -399,6 +425,7 @@ class Cluster:
             self._install(node, ready.snapshot)
         if ready.compacted is not None:
             self.stats["compacted"] += 1
+            node.sm.check_snapshot(node.id, ready.compacted)
         for entry in ready.committed_entries:
             self._apply(node, entry)
         self.stats["read_failed"] += len(ready.failed_reads)
@@ -425,6 +452,7 @@ class Cluster:
 
     def _install(self, node: SimNode, snap: Snapshot) -> None:
         node.sm = StateMachine.restore(snap.data)
+        node.sm.check_snapshot(node.id, snap)
         if node.sm.index != snap.meta.index:
             raise SafetyViolation(
                 f"{node.id}: snapshot data at {node.sm.index}, meta {snap.meta.index}"
