@@ -159,11 +159,14 @@ class _FrameError(Exception):
     """A TCP frame announced more than :data:`MAX_STREAM_BYTES`."""
 
 
-def parse_address(text: str, default_port: int) -> tuple[str, int]:
+def parse_address(
+    text: str, default_port: int, *, allow_zero: bool = False
+) -> tuple[str, int]:
     """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
 
     Raises:
-        ValidationError: empty host, or a port that is not 1..65535.
+        ValidationError: empty host, or a port outside 1..65535 (0..65535
+            with ``allow_zero``, for bind addresses).
     """
     text = text.strip()
     host, port_text = text, ""
@@ -186,7 +189,7 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
         port = int(port_text)
     except ValueError:
         raise ValidationError(f"bad port in address {text!r}", "address") from None
-    if not 0 < port < 65536:
+    if not (0 if allow_zero else 1) <= port < 65536:
         raise ValidationError(f"port out of range in address {text!r}", "address")
     return host, port
 

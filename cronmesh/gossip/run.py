@@ -140,8 +140,10 @@ async def _run(args: argparse.Namespace) -> int:
     cli_tags = _cli_tags(args.tag)
     tags = {**cli_tags, **_file_tags(args.tags_file)}
     keyring = Keyring([args.encrypt]) if args.encrypt else None
-    host, port = parse_address(args.bind, 7946)
-    advertise = parse_address(args.advertise, port) if args.advertise else None
+    host, port = parse_address(args.bind, 7946, allow_zero=True)
+    advertise = None
+    if args.advertise:
+        advertise = parse_address(args.advertise, port, allow_zero=True)
     driver = GossipDriver(
         args.name, (host, port), advertise, tags, profile=args.profile, keyring=keyring
     )

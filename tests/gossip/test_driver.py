@@ -353,7 +353,8 @@ def test_parse_address() -> None:
     assert parse_address("node-1:8946", 7946) == ("node-1", 8946)
     assert parse_address("[::1]:9", 7946) == ("::1", 9)
     assert parse_address("[fe80::1]", 7946) == ("fe80::1", 7946)
-    for bad in ("", ":80", "h:0", "h:x", "[::1", "[::1]x"):
+    assert parse_address("h:0", 7946, allow_zero=True) == ("h", 0)
+    for bad in ("", ":80", "h:0", "h:x", "h:65536", "[::1", "[::1]x"):
         with pytest.raises(ValidationError):
             parse_address(bad, 7946)
 
