@@ -282,6 +282,8 @@ class Cluster:
         # Test hook: sees each message at delivery; returns it, a replacement
         # (e.g. an AppendEntries with fewer entries) or None to drop it.
         self.intercept: Callable[[Message], Message | None] | None = None
+        # Receives one line per fault and role change, for replaying a seed.
+        self.trace: Callable[[str], None] | None = None
         self._queue: list[tuple[int, int, Message]] = []
         self._counter = 0
         founders = set(ids if voters is None else voters)
@@ -304,15 +306,22 @@ class Cluster:
         )
         node.last_commit = node.core.commit
 
+    def note(self, event: str) -> None:
+        """Report ``event`` to ``trace``, stamped with the current tick."""
+        if self.trace is not None:
+            self.trace(f"t={self.now} {event}")
+
     def crash(self, node_id: str) -> None:
         """Stop a server; only what it persisted survives."""
         self.stats["crash"] += 1
+        self.note(f"crash {node_id}")
         self.nodes[node_id].core = None
 
     def restart(self, node_id: str) -> None:
         """Start a crashed server again from its stores."""
         node = self.nodes[node_id]
         if node.core is None:
+            self.note(f"restart {node_id}")
             self._start(node)
 
     def live(self) -> list[SimNode]:
@@ -328,6 +337,7 @@ class Cluster:
 
     def isolate(self, node_id: str) -> None:
         """Cut every link of ``node_id``."""
+        self.note(f"isolate {node_id}")
         for other in self.nodes:
             if other != node_id:
                 self.cut.add(frozenset((node_id, other)))
@@ -335,12 +345,15 @@ class Cluster:
     def partition(self, *groups: Iterable[str]) -> None:
         """Cut every link between different groups (others keep their links)."""
         sets = [set(g) for g in groups]
+        self.note(f"partition {' | '.join(','.join(sorted(g)) for g in sets)}")
         for i, a in enumerate(sets):
             for b in sets[i + 1 :]:
                 self.cut.update(frozenset((x, y)) for x in a for y in b)
 
     def heal(self) -> None:
         """Restore every link."""
+        if self.cut:
+            self.note("heal")
         self.cut.clear()
 
     def _send(self, msg: Message) -> None:
@@ -404,8 +417,13 @@ class Cluster:
     def _handle_ready(self, node: SimNode, core: RaftNode, ready: Ready) -> bool:
         """Persist, send, apply; False if the server crashed on the way."""
         check = self.checker
-        if ready.soft_state is not None and ready.soft_state.role is Role.LEADER:
-            check.on_leader(core)
+        if ready.soft_state is not None:
+            soft = ready.soft_state
+            self.note(
+                f"{node.id} {soft.role.value} term={soft.term} leader={soft.leader}"
+            )
+            if soft.role is Role.LEADER:
+                check.on_leader(core)
         check.on_persist(core, ready.entries)
         check.on_ready(core, ready)
         persist_ready(ready, node.log_store, node.stable)
@@ -659,8 +677,9 @@ class _Workload:
             if rng.random() < 0.01 and (leader := c.leader()):
                 self._conf_change(leader)
             if rng.random() < 0.004 and (leader := c.leader()):
-                voters = sorted(c.core(leader).membership.voters)
-                c.act(leader, lambda core: core.transfer_leadership(rng.choice(voters)))
+                target = rng.choice(sorted(c.core(leader).membership.voters))
+                c.note(f"transfer {leader} -> {target}")
+                c.act(leader, lambda core: core.transfer_leadership(target))
             if rng.random() < 0.03 and (live := c.live()):
                 self.counter += 1
                 c.read(rng.choice(live).id, f"r{self.counter}".encode())
@@ -693,11 +712,15 @@ class _Workload:
             choices += [ConfChange(ConfChangeOp.REMOVE, n) for n in learners]
         if choices:
             change = rng.choice(choices)
+            c.note(f"propose {change.op.value} {change.node} at {leader}")
             c.act(leader, lambda core: core.propose_conf_change(change))
 
 
 def run_seed(
-    seed: int, nodes: int | None = None, steps: int | None = None
+    seed: int,
+    nodes: int | None = None,
+    steps: int | None = None,
+    trace: Callable[[str], None] | None = None,
 ) -> SimResult:
     """One random run: faults and workload for ``steps`` ticks, then heal and check.
 
@@ -721,6 +744,8 @@ def run_seed(
         codec=0.05,
     )
     cluster = Cluster(ids, seed, founders, net, make_config)
+    cluster.trace = trace
+    cluster.note(f"start {make_config('n0')} {net}")
     cluster.crash_unpersisted = 0.0005
     cluster.reboot = 0.002
     work = _Workload(cluster, rng)
