@@ -35,14 +35,24 @@ timeout, a kill, a memory overrun or a failure to start.
 # keep the job running forever in Dkron; we stop reading once the group is
 # empty and say so in the output.
 #
-# Reaping is the event loop's child watcher's job: it waitpid()s our leader
-# whether or not anyone awaits it, and orphaned grandchildren are re-parented
+# Starting: a job without cwd, su or payload (the common case) is started by
+# libc's posix_spawn (vfork, then exec; no Python runs in the child) from a
+# few spawn threads, with the GIL released; its exit is watched through a
+# pidfd and its output pipe read from the event loop (``_SpawnedJob``). The
+# others go through asyncio's ``subprocess_exec`` (Popen), which can chdir,
+# change credentials and feed stdin. Both give the job the same session,
+# group, environment, descriptors and signal dispositions (except glibc's
+# two internal signals, see ``_RESTORE_SIGNALS``).
+#
+# Reaping: ``_SpawnedJob`` waitpid()s its leader when the pidfd says it
+# exited; on the asyncio path the event loop's child watcher waitpid()s it,
+# whether or not anyone awaits it. Orphaned grandchildren are re-parented
 # to init (or the nearest subreaper), which reaps them. When the agent IS
 # init (PID 1 in a container) or a subreaper, orphans come back to us and no
 # watcher asks for them, so ``reap_orphans`` waits for them by process group.
-# On Python 3.11 the
-# default watcher runs one thread per child; ``install_pidfd_child_watcher``
-# swaps in the thread-free pidfd watcher that 3.12 uses by default.
+# On Python 3.11 the default watcher runs one thread per child;
+# ``install_pidfd_child_watcher`` swaps in the thread-free pidfd watcher that
+# 3.12 uses by default.
 #
 # Output: stdout and stderr share ONE pipe, so the kernel keeps their relative
 # order, and chunks go to the sink from the protocol callback as they arrive,
