@@ -17,6 +17,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -38,6 +39,8 @@ from cronmesh.errors import (
     NotFoundError,
     ValidationError,
 )
+from cronmesh.gossip.driver import GossipDriver
+from cronmesh.gossip.keyring import KEYRING_FILE, Keyring
 from cronmesh.metrics import Metrics
 from cronmesh.raft.driver import RaftSettings
 from cronmesh.storage.env import DataDir
@@ -88,8 +91,17 @@ class AgentConfig:
     shutdown_grace: float = 30.0  # seconds running jobs get on SIGTERM
     region: str = "global"
     datacenter: str = "dc1"
-    # Other servers as name -> host:rpc_port, until gossip finds them.
+    # Other servers as name -> host:rpc_port, besides those gossip finds.
     peers: dict[str, str] = field(default_factory=dict)
+    advertise_addr: str = ""  # host[:port] peers should use; default: bind
+    join: list[str] = field(default_factory=list)  # join at start (must work)
+    retry_join: list[str] = field(default_factory=list)  # join until it works
+    retry_interval: float = 30.0  # seconds between retry-join attempts
+    retry_max: int = 0  # retry-join attempts before giving up (0: forever)
+    encrypt: str = ""  # base64 gossip key (16, 24 or 32 bytes)
+    profile: str = "lan"  # gossip timing: lan, wan or local
+    config_file: str = ""  # re-read on SIGHUP
+    cli_tags: dict[str, str] = field(default_factory=dict)  # --tag, win on reload
     raft_tick: float = 0.05  # seconds; elections time out after 10-20 ticks
 
 
@@ -109,8 +121,11 @@ class Agent:
         )
         self.cluster: Cluster | None = None
         self.log: CommandLog
+        self.bind = parse_addr(config.bind_addr, 8946, "bind-addr")
+        self.advertise = advertise_address(config.advertise_addr, self.bind)
+        self.gossip: GossipDriver | None = None
         if config.server:
-            rpc_host, _ = parse_addr(config.bind_addr, 8946, "bind-addr")
+            rpc_host = self.bind[0]
             self.cluster = Cluster(
                 self.node_name,
                 self.data,
@@ -118,6 +133,7 @@ class Agent:
                 (rpc_host, config.rpc_port),
                 self.server_peers,
                 bootstrap_expect=config.bootstrap_expect,
+                left=self.servers_left,
                 settings=RaftSettings(tick=config.raft_tick),
             )
             self.cluster.driver.on_role.append(self._leadership_changed)
@@ -143,11 +159,12 @@ class Agent:
         self._stop = asyncio.Event()
         self._server: uvicorn.Server | None = None
         self._background: set[asyncio.Task[object]] = set()
+        self.exit_error = ""
 
     # -- identity
     @property
     def tags(self) -> dict[str, str]:
-        host, _ = parse_addr(self.config.bind_addr, 8946, "bind-addr")
+        host = self.advertise[0]
         # `role` is Dkron's member marker, but users target jobs with it
         # (`"role": "worker:1"`), so a user's value wins; the rest are ours.
         return {
@@ -178,35 +195,34 @@ class Agent:
 
     def member(self, name: str | None = None) -> dict[str, Any]:
         """A node in the shape of Dkron's /v1/members entries (default: this one)."""
-        host, port = parse_addr(self.config.bind_addr, 8946, "bind-addr")
-        if name is not None and name != self.node_name:
-            rpc = self.server_peers().get(name, "")
-            host = rpc.rpartition(":")[0] or rpc
-            tags = {"role": "dkron", "server": "true", "rpc_addr": rpc}
-            return {
-                "Id": name,
-                "Name": name,
-                "Addr": host,
-                "Port": port,
-                "Tags": tags,
-                "Status": 1,
-                "statusText": "alive",
-            }
-        return {
-            "Id": self.node_name,
-            "Name": self.node_name,
-            "Addr": host,
-            "Port": port,
-            "Tags": self.tags,
-            "Status": 1,
-            "statusText": "alive",
-            "ProtocolMin": 1,
-            "ProtocolMax": 5,
-            "ProtocolCur": 2,
-            "DelegateMin": 2,
-            "DelegateMax": 5,
-            "DelegateCur": 4,
-        }
+        wanted = name or self.node_name
+        for entry in self.members():
+            if entry["Name"] == wanted:
+                return entry
+        raise NotFoundError(f"member {wanted!r} not known")
+
+    def gossip_stats(self) -> dict[str, str]:
+        """Mesh statistics for /v1 (serf's section in Dkron)."""
+        if self.gossip is None or not self.gossip.started:
+            return {"members": "1"}
+        stats = {k: str(v) for k, v in self.gossip.stats.as_dict().items()}
+        return {"members": str(len(self.gossip.members())), **stats}
+
+    def members(self) -> list[dict[str, Any]]:
+        """Every member this node knows, in Dkron's (serf's) shape."""
+        found = [m.as_dict() for m in self.gossip.members()] if self.gossip else []
+        if not any(m["name"] == self.node_name for m in found):
+            host, port = self.advertise
+            found.append(
+                {
+                    "name": self.node_name,
+                    "addr": host,
+                    "port": port,
+                    "tags": self.tags,
+                    "status": "alive",
+                }
+            )
+        return [_serf_member(m) for m in sorted(found, key=lambda m: m["name"])]
 
     # -- jobs
     def validate_job(self, data: Any, *, keep_runtime: bool = False) -> Job:
@@ -307,8 +323,26 @@ class Agent:
         return data
 
     def server_peers(self) -> dict[str, str]:
-        """The other servers and their RPC addresses."""
-        return dict(self.config.peers)
+        """The other servers (alive in the mesh, or given by --peer) and
+        their RPC addresses."""
+        peers = dict(self.config.peers)
+        if self.gossip is not None:
+            for member in self.gossip.members():
+                if member.name == self.node_name or member.status != "alive":
+                    continue
+                if member.tags.get("server") == "true" and member.tags.get("rpc_addr"):
+                    peers[member.name] = member.tags["rpc_addr"]
+        return peers
+
+    def servers_left(self) -> set[str]:
+        """Servers that left the mesh gracefully (removed from Raft)."""
+        if self.gossip is None:
+            return set()
+        return {
+            m.name
+            for m in self.gossip.members()
+            if m.status == "left" and m.tags.get("server") == "true"
+        }
 
     def _leadership_changed(self, leading: bool) -> None:
         task = asyncio.create_task(self._lead() if leading else self._follow())
@@ -359,7 +393,9 @@ class Agent:
         install_pidfd_child_watcher()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         server_task = await self._start_http()
+        await self._start_gossip()
         if self.cluster is not None:
             await self.cluster.start()
         else:
@@ -422,6 +458,77 @@ class Agent:
             await asyncio.sleep(0.01)
         return task
 
+    async def _start_gossip(self) -> None:
+        keyring = load_keyring(self.data.path, self.config.encrypt)
+        explicit = self.config.advertise_addr or self.bind[0] in ("0.0.0.0", "::", "")
+        self.gossip = GossipDriver(
+            self.node_name,
+            self.bind,
+            advertise=self.advertise if explicit else None,
+            tags=self.tags,
+            profile=self.config.profile,
+            keyring=keyring,
+        )
+        self.gossip.add_event_handler(self._member_event)
+        await self.gossip.start()
+        bound = self.gossip.bound_address
+        if not explicit and bound is not None:
+            self.advertise = bound
+            self.gossip.set_tags(self.tags)
+        if self.config.join:
+            joined = await self.gossip.join(self.config.join)
+            if not joined:
+                raise CronmeshError(
+                    f"--join: no member answered at {', '.join(self.config.join)}"
+                )
+        if self.config.retry_join:
+            task = asyncio.create_task(self._retry_join())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _retry_join(self) -> None:
+        assert self.gossip is not None
+        try:
+            await self.gossip.retry_join(
+                self.config.retry_join,
+                self.config.retry_interval,
+                self.config.retry_max,
+            )
+        except CronmeshError as exc:
+            log.error("giving up joining: %s", exc)
+            self.exit_error = str(exc)
+            self.stop()
+
+    def _member_event(self, kind: str, member: Any) -> None:
+        level = (
+            logging.INFO
+            if kind in ("join", "leave", "failed", "reap")
+            else logging.DEBUG
+        )
+        log.log(
+            level,
+            "member %s node=%s addr=%s:%s",
+            kind,
+            member.name,
+            member.addr,
+            member.port,
+        )
+
+    def reload(self) -> None:
+        """SIGHUP: re-read tags and log level from --config, re-announce tags."""
+        from cronmesh.cli.agent_cmd import reload_settings
+
+        try:
+            tags, level = reload_settings(self.config)
+        except CronmeshError as exc:
+            log.error("reload failed, keeping the old settings: %s", exc)
+            return
+        self.config.tags = tags
+        logging.getLogger().setLevel(level.upper())
+        if self.gossip is not None:
+            self.gossip.set_tags(self.tags)
+        log.info("configuration reloaded tags=%s log_level=%s", tags, level)
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -440,6 +547,9 @@ class Agent:
             task.cancel()
         if self.cluster is not None:
             await self.cluster.stop()
+        if self.gossip is not None:
+            await self.gossip.leave(timeout=3.0)
+            await self.gossip.stop()
         if self._server is not None:
             self._server.should_exit = True
         if server_task is not None:
@@ -455,6 +565,65 @@ class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+SERF_STATUS = {"alive": 1, "leaving": 2, "left": 3, "failed": 4, "suspect": 1}
+
+
+def _serf_member(member: dict[str, Any]) -> dict[str, Any]:
+    """A gossip member as Dkron's /v1/members shows serf members."""
+    return {
+        "Id": member["name"],
+        "Name": member["name"],
+        "Addr": member["addr"],
+        "Port": member["port"],
+        "Tags": member["tags"],
+        "Status": SERF_STATUS.get(member["status"], 0),
+        "statusText": member["status"],
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }
+
+
+def advertise_address(text: str, bind: tuple[str, int]) -> tuple[str, int]:
+    """Where peers should reach us: --advertise-addr, else the bind address,
+    else (for a wildcard bind) this host's first non-loopback IPv4 address."""
+    if text:
+        return parse_addr(text, bind[1], "advertise-addr")
+    host, port = bind
+    if host not in ("0.0.0.0", "::", ""):
+        return host, port
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    for info in infos:
+        address = str(info[4][0])
+        if not address.startswith("127."):
+            return address, port
+    log.warning("no non-loopback address found; advertising 127.0.0.1")
+    return "127.0.0.1", port
+
+
+def load_keyring(data_dir: Path, key: str) -> Keyring | None:
+    """The gossip keyring kept in the data dir, with --encrypt's key in it.
+
+    A key given on the command line is installed and made primary; keys
+    installed earlier stay, so a rotation needs no downtime.
+    """
+    path = data_dir / KEYRING_FILE
+    if not key and not path.exists():
+        return None
+    ring = Keyring.load(data_dir) if path.exists() else Keyring([key])
+    if key:
+        ring.install(key)
+        ring.use(key)
+    ring.save(data_dir)
+    return ring
 
 
 def _as_job(value: Any) -> Job:

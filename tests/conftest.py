@@ -38,6 +38,8 @@ class AgentProcess:
         self.extra = list(extra)
         self.port = free_port()
         self.rpc_port = free_port()
+        self.gossip_port = free_port()
+        self.gossip_addr = f"127.0.0.1:{self.gossip_port}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -57,7 +59,9 @@ class AgentProcess:
             "--http-addr",
             f"127.0.0.1:{self.port}",
             "--bind-addr",
-            "127.0.0.1:0",
+            f"127.0.0.1:{self.gossip_port}",
+            "--profile",
+            "local",
             "--rpc-port",
             str(self.rpc_port),
             *self.extra,

@@ -13,12 +13,17 @@ from conftest import REPO, AgentProcess, shell_job
 
 
 def start_cluster(agent_factory: Any, size: int = 3) -> list[AgentProcess]:
+    """`size` servers that find each other through gossip (all join s1)."""
     nodes = [agent_factory(name=f"s{i}", start=False) for i in range(1, size + 1)]
     for node in nodes:
         node.extra += ["--bootstrap-expect", str(size)]
-        for other in nodes:
-            if other is not node:
-                node.extra += ["--peer", f"{other.name}=127.0.0.1:{other.rpc_port}"]
+        if node is not nodes[0]:
+            node.extra += [
+                "--retry-join",
+                nodes[0].gossip_addr,
+                "--retry-interval",
+                "0.5",
+            ]
     for node in nodes:
         node.start(wait=False)
     for node in nodes:
@@ -125,3 +130,36 @@ def test_no_writes_without_a_majority(agent_factory: Any) -> None:
     response = leader.post_job(shell_job("lonely", "true"))
     assert response.status_code == 503
     assert "leader" in response.json()["error"]
+
+
+def test_a_new_server_is_promoted_and_a_leaving_one_removed(agent_factory: Any) -> None:
+    nodes = start_cluster(agent_factory)
+    leader = leader_of(nodes)
+    fourth = agent_factory(
+        "--bootstrap-expect", "3", "--join", nodes[0].gossip_addr, name="s4"
+    )
+    leader.wait_for(
+        "s4 promoted to voter",
+        lambda: any(r["ID"] == "s4" and r["Voter"] for r in peers(leader)),
+        30,
+    )
+    assert fourth.http.get("/v1/leader").json()["Name"] == leader.name
+    members = {
+        m["Name"]: m["statusText"] for m in leader.http.get("/v1/members").json()
+    }
+    assert members == {"s1": "alive", "s2": "alive", "s3": "alive", "s4": "alive"}
+    assert fourth.stop() == 0
+    leader = leader_of(nodes)
+    leader.wait_for(
+        "s4 removed from Raft", lambda: "s4" not in {r["ID"] for r in peers(leader)}, 30
+    )
+    assert leader.wait_for(
+        "s4 left",
+        lambda: (
+            {
+                m["Name"]: m["statusText"]
+                for m in leader.http.get("/v1/members").json()
+            }.get("s4")
+            == "left"
+        ),
+    )

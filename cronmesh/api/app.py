@@ -225,14 +225,14 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
             request,
             {
                 "agent": {"name": agent.node_name, "version": __version__},
-                "serf": {"members": "1", "health_score": "0"},
+                "serf": agent.gossip_stats(),
                 "tags": agent.tags,
             },
         )
 
     @app.get("/v1/members")
     async def members(request: Request) -> Response:
-        found = [agent.member()]
+        found = agent.members()
         return _reply(request, found, headers={"X-Total-Count": str(len(found))})
 
     @app.get("/v1/leader")
@@ -250,8 +250,10 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.post("/v1/leave")
     async def leave(request: Request) -> Response:
+        # The agent leaves the mesh (and hands over Raft leadership) as it
+        # stops, the same path as SIGTERM.
         agent.stop()
-        return _reply(request, [])
+        return _reply(request, sorted(agent.server_peers()))
 
     @app.get("/v1/raft/peers")
     async def raft_peers(request: Request) -> Response:

@@ -14,6 +14,7 @@ import typer
 
 from cronmesh.agent import RESERVED_TAGS, Agent, AgentConfig, parse_addr
 from cronmesh.errors import CronmeshError, ValidationError
+from cronmesh.gossip.keyring import decode_key
 
 __all__ = ["agent", "load_config_file"]
 
@@ -146,6 +147,50 @@ def agent(
             help="Seconds running jobs get on SIGTERM (default: 30).",
         ),
     ] = None,
+    join: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--join", help="Gossip address of a member to join at start (repeatable)."
+        ),
+    ] = None,
+    retry_join: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--retry-join", help="Like --join, retried until it works (repeatable)."
+        ),
+    ] = None,
+    retry_interval: Annotated[
+        float | None,
+        typer.Option(
+            "--retry-interval",
+            min=0.1,
+            help="Seconds between retry-join attempts (default: 30).",
+        ),
+    ] = None,
+    retry_max: Annotated[
+        int | None,
+        typer.Option(
+            "--retry-max",
+            min=0,
+            help="Retry-join attempts before exiting, 0 = forever (default: 0).",
+        ),
+    ] = None,
+    advertise_addr: Annotated[
+        str,
+        typer.Option(
+            "--advertise-addr", help="Address other nodes use to reach this one."
+        ),
+    ] = "",
+    encrypt: Annotated[
+        str,
+        typer.Option("--encrypt", help="Gossip encryption key (see cronmesh keygen)."),
+    ] = "",
+    profile: Annotated[
+        str,
+        typer.Option(
+            "--profile", help="Gossip timing: lan, wan or local (default: lan)."
+        ),
+    ] = "",
     catch_up_window: Annotated[
         float | None,
         typer.Option(
@@ -177,7 +222,26 @@ def agent(
         if catch_up_window is not None:
             config.catch_up_window = catch_up_window
         config.server = server or config.server
-        config.tags.update(_parse_tags(tag or []))
+        config.join = list(join or config.join)
+        config.retry_join = list(retry_join or config.retry_join)
+        if retry_interval is not None:
+            config.retry_interval = retry_interval
+        if retry_max is not None:
+            config.retry_max = retry_max
+        config.advertise_addr = advertise_addr or config.advertise_addr
+        config.encrypt = encrypt or config.encrypt
+        config.profile = profile or config.profile
+        if config.profile not in ("lan", "wan", "local"):
+            raise ValidationError(
+                f"--profile: {config.profile!r} is not lan, wan or local"
+            )
+        if config.encrypt:
+            decode_key(config.encrypt)
+        if len(config.node_name.encode()) > 128:
+            raise ValidationError("--node-name: longer than 128 bytes")
+        config.config_file = str(config_file) if config_file else ""
+        config.cli_tags = _parse_tags(tag or [])
+        config.tags.update(config.cli_tags)
         for item in peer or []:
             name, sep, address = item.partition("=")
             if not sep or not name or ":" not in address:
@@ -210,3 +274,23 @@ def agent(
 async def _run(config: AgentConfig) -> None:
     node = Agent(config)
     await node.run()
+    if node.exit_error:
+        raise CronmeshError(node.exit_error)
+
+
+def reload_settings(config: AgentConfig) -> tuple[dict[str, str], str]:
+    """Tags and log level after a SIGHUP: the config file again, then --tag."""
+    tags = dict(config.tags)
+    level = config.log_level
+    if config.config_file:
+        fresh = _config_from_file(Path(config.config_file))
+        tags, level = dict(fresh.tags), fresh.log_level
+    for key in tags:
+        if key in RESERVED_TAGS:
+            raise ValidationError(
+                f"tags: {key!r} is reserved (set by the agent itself)"
+            )
+    tags.update(config.cli_tags)
+    if level not in LEVELS:
+        raise ValidationError(f"log_level: {level!r} is not one of {LEVELS}")
+    return tags, level

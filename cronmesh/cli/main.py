@@ -12,7 +12,7 @@ import sys
 import typer
 
 from cronmesh import __version__
-from cronmesh.cli import agent_cmd, client, raft, schedule
+from cronmesh.cli import agent_cmd, client, cluster_cmds, raft, schedule
 
 __all__ = ["app", "main"]
 
@@ -29,6 +29,9 @@ app.add_typer(client.jobs_app, name="jobs")
 app.command("executions")(client.executions)
 app.add_typer(schedule.app, name="schedule")
 app.add_typer(raft.app, name="raft")
+app.command("members")(cluster_cmds.members)
+app.command("leave")(cluster_cmds.leave)
+app.command("keygen")(cluster_cmds.keygen)
 
 
 @app.command("version")
