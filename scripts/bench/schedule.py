@@ -98,7 +98,10 @@ def spawn_floor(count: int) -> dict[str, float]:
     (glibc's posix_spawn through ctypes, GIL released, from its spawn
     threads) with nothing else around it: no scheduler, no commit.
     """
-    from cronmesh.core.executors.shell import _SPAWN_THREADS, _spawn_path
+    try:
+        from cronmesh.core.executors.shell import _SPAWN_THREADS, _spawn_path
+    except ImportError:  # an older cronmesh (a before/after run): one way only
+        _SPAWN_THREADS = _spawn_path = None
 
     argv = ("/bin/date", "+%s.%N")
     env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
@@ -118,7 +121,10 @@ def spawn_floor(count: int) -> dict[str, float]:
         return [spawn.result() for spawn in spawns]
 
     figures = {}
-    for name, start in (("floor_1thread", one_thread), ("floor_threads", threads)):
+    ways = [("floor_1thread", one_thread)]
+    if _spawn_path is not None:
+        ways.append(("floor_threads", threads))
+    for name, start in ways:
         read_fd, write_fd = os.pipe()
         instant = float(int(time.time()) + 1)
         time.sleep(max(0.0, instant - time.time()))
