@@ -975,8 +975,10 @@ class RaftNode:
         self._compacted = None  # an older local snapshot must not overwrite it
         self._snap_buf = None
         self.commit = meta.index
+        before = self.membership
         self._configs = [(meta.index, meta.membership)]
-        self._on_membership_change()
+        if meta.membership != before:
+            self._on_membership_change()
 
     # ------------------------------------------------------------------
     # Log replication, leader side (§3.5, §10.2.2)

@@ -284,6 +284,8 @@ class Cluster:
         self.intercept: Callable[[Message], Message | None] | None = None
         # Receives one line per fault and role change, for replaying a seed.
         self.trace: Callable[[str], None] | None = None
+        self.served_reads: list[tuple[str, bytes, int]] = []  # (node, ctx, index)
+        self.failed_reads: list[tuple[str, bytes]] = []  # (node, ctx)
         self._queue: list[tuple[int, int, Message]] = []
         self._counter = 0
         founders = set(ids if voters is None else voters)
@@ -451,7 +453,8 @@ class Cluster:
         for read in ready.read_states:
             self._check_read(node, read.ctx, read.index)
         for ctx in ready.failed_reads:
-            node.reads.pop(ctx, None)
+            if node.reads.pop(ctx, None) is not None:
+                self.failed_reads.append((node.id, ctx))
         return not self._maybe_reboot(node, ready)
 
     def _maybe_reboot(self, node: SimNode, ready: Ready) -> bool:
@@ -490,6 +493,7 @@ class Cluster:
         need = node.reads.pop(ctx, None)
         if need is None:
             return
+        self.served_reads.append((node.id, ctx, index))
         if index < need or node.sm.index < index:
             raise SafetyViolation(
                 f"{node.id}: read confirmed at {index}, needed {need}, "

@@ -480,14 +480,7 @@ def test_read_index_on_leader_and_follower() -> None:
     leader = c.wait_leader()
     commit_all(c, "v1")
     follower = next(i for i in c.nodes if i != leader)
-    served: list[tuple[str, bytes, int]] = []
-    original = c._check_read
-
-    def spy(node, ctx, index):  # type: ignore[no-untyped-def]
-        served.append((node.id, ctx, index))
-        original(node, ctx, index)
-
-    c._check_read = spy  # type: ignore[method-assign]
+    served = c.served_reads
     c.read(leader, b"r-leader")
     c.read(follower, b"r-follower")
     c.run(5)
