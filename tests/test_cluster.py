@@ -163,3 +163,41 @@ def test_a_new_server_is_promoted_and_a_leaving_one_removed(agent_factory: Any) 
             == "left"
         ),
     )
+
+
+def test_recover_a_cluster_that_lost_its_quorum(
+    agent_factory: Any, tmp_path: Any
+) -> None:
+    nodes = start_cluster(agent_factory)
+    leader = leader_of(nodes)
+    assert leader.post_job(shell_job("kept", "true")).status_code == 201
+    for node in nodes:
+        node.wait_for("replicated", lambda n=node: "kept" in job_names(n))
+    survivor = next(n for n in nodes if n is not leader)
+    for node in nodes:
+        node.kill9()
+    peers_file = tmp_path / "peers.json"
+    peers_file.write_text(json.dumps([survivor.name]))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cronmesh",
+            "raft",
+            "recover",
+            "--peers",
+            str(peers_file),
+            "--data-dir",
+            str(survivor.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    survivor.start()
+    assert leader_of([survivor]) is survivor
+    assert "kept" in job_names(survivor)
+    assert survivor.post_job(shell_job("after", "true")).status_code == 201
+    assert [r["ID"] for r in peers(survivor)] == [survivor.name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,9 +14,14 @@ from cronmesh.cli.client import (
     AddressOpt,
     Client,
     JsonOpt,
+    fail,
     out,
     print_json,
 )
+from cronmesh.errors import CronmeshError
+from cronmesh.raft.recovery import force_configuration
+from cronmesh.storage.env import DataDir
+from cronmesh.storage.raftlog import LmdbRaftStorage
 
 __all__ = ["app"]
 
@@ -57,3 +64,48 @@ def remove_peer(
     else:
         out.print(f"removed [bold]{peer_id}[/bold]")
         out.print(_table(rows))
+
+
+@app.command("recover")
+def recover(
+    peers: Annotated[
+        Path,
+        typer.Option("--peers", help='JSON file: the surviving servers, ["s1", "s2"].'),
+    ],
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="Data dir of this (stopped) server.")
+    ] = Path("cronmesh.data"),
+) -> None:
+    """Offline: force the Raft configuration to the servers in --peers.
+
+    For a cluster that lost its quorum for good. Run it on every surviving
+    server, with the same file, while the agents are stopped; then start
+    them. Entries the lost servers held but the survivors did not are lost.
+    See docs/operations.md.
+    """
+    try:
+        voters = json.loads(peers.read_text())
+    except OSError as exc:
+        fail(f"--peers: cannot read {peers}: {exc.strerror}", 2)
+    except ValueError as exc:
+        fail(f"--peers: {peers} is not JSON: {exc}", 2)
+    if isinstance(voters, dict):
+        voters = voters.get("voters")
+    if (
+        not isinstance(voters, list)
+        or not voters
+        or not all(isinstance(v, str) and v for v in voters)
+    ):
+        fail('--peers: expected a JSON list of server names, like ["s1", "s2"]', 2)
+    try:
+        data = DataDir(data_dir)
+    except CronmeshError as exc:
+        fail(str(exc), 1)
+    try:
+        index, term = force_configuration(LmdbRaftStorage(data), set(voters))
+    finally:
+        data.close()
+    out.print(
+        f"wrote configuration {sorted(voters)} at index {index} (term {term}) "
+        f"in {data_dir}; start the agent now"
+    )
