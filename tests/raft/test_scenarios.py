@@ -502,3 +502,29 @@ def test_read_index_fails_without_quorum() -> None:
     c.read(leader, b"stuck")
     c.run(3 * ELECTION)  # check-quorum steps the leader down: the read fails
     assert c.stats["read_failed"] == 1 and c.stats["read_served"] == 0
+
+
+def test_leader_lease_ignores_removed_server() -> None:
+    """§4.2.3: a removed server's vote requests do not unseat a live leader.
+
+    Pre-vote is off, so only check-quorum's lease protects the cluster.
+    """
+    c = Cluster(
+        ids(3), seed=3, make_config=lambda i: RaftConfig(node_id=i, pre_vote=False)
+    )
+    leader = c.wait_leader()
+    commit_all(c, "x")
+    removed = next(i for i in c.nodes if i != leader)
+    c.isolate(removed)
+    c.act(
+        leader,
+        lambda core: core.propose_conf_change(ConfChange(ConfChangeOp.REMOVE, removed)),
+    )
+    stay = [i for i in c.nodes if i != removed]
+    commit_all(c, "after-remove", stay)
+    c.run(5 * ELECTION)  # the removed server keeps campaigning, terms rising
+    assert c.core(removed).term > c.core(leader).term
+    term = c.core(leader).term
+    c.heal()
+    c.run(10 * ELECTION)
+    assert c.leader() == leader and c.core(leader).term == term
