@@ -32,7 +32,7 @@ from cronmesh.raft.messages import (
     decode,
     encode,
 )
-from cronmesh.raft.node import RaftConfig, RaftNode
+from cronmesh.raft.node import RaftConfig, RaftNode, Status
 from cronmesh.raft.ready import ReadState, Ready, Role, SoftState
 from cronmesh.raft.storage import (
     LogStore,
@@ -88,6 +88,7 @@ __all__ = [
     "SnapshotMeta",
     "SoftState",
     "StableStore",
+    "Status",
     "TimeoutNow",
     "TransferInProgress",
     "bootstrap",

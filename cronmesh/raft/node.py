@@ -93,7 +93,7 @@ from cronmesh.raft.types import (
     encode_config_entry,
 )
 
-__all__ = ["RaftConfig", "RaftNode"]
+__all__ = ["RaftConfig", "RaftNode", "Status"]
 
 _log = logging.getLogger("cronmesh.raft")
 
@@ -147,6 +147,22 @@ class RaftConfig:
         for name in ("max_msg_entries", "max_inflight", "snapshot_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"raft: {name} must be >= 1", name)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A read-only summary of one server, for metrics and status endpoints."""
+
+    node_id: str
+    role: Role
+    term: int
+    leader: str | None
+    commit: int  # highest index known committed
+    applied: int  # highest index handed to the state machine and advanced
+    last_index: int  # last index in the log (persisted or not)
+    snapshot_index: int  # log prefix replaced by the newest snapshot
+    membership: Membership
+    match: dict[str, int]  # leader only: highest index stored per member
 
 
 @dataclass(slots=True)
@@ -254,6 +270,21 @@ class RaftNode:
     def snapshot(self) -> Snapshot | None:
         """The newest snapshot this node holds (saved, or about to be)."""
         return self._snapshot
+
+    def status(self) -> Status:
+        """A consistent summary of this server right now."""
+        return Status(
+            node_id=self.id,
+            role=self.role,
+            term=self.term,
+            leader=self.leader,
+            commit=self.commit,
+            applied=self.applied,
+            last_index=self.log.last_index(),
+            snapshot_index=self.log.snap_index,
+            membership=self.membership,
+            match={peer: pr.match for peer, pr in sorted(self.progress.items())},
+        )
 
     def membership_at(self, index: int) -> Membership:
         """The configuration in force at log ``index``."""

@@ -173,3 +173,15 @@ def test_raft_log_reads_across_stable_and_unstable() -> None:
     ]
     with pytest.raises(InvariantViolation):
         log.entries(3, 8, 1 << 20)
+
+
+def test_status_summarizes_the_leader() -> None:
+    solo = Solo()
+    solo.elect()
+    solo.core.propose(b"x")
+    solo.drive()
+    status = solo.core.status()
+    assert status.role is Role.LEADER and status.leader == "a"
+    assert status.commit == status.applied == status.last_index == 3
+    assert status.match == {"a": 3}
+    assert status.membership.voters == {"a"}
