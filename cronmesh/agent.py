@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -181,6 +182,11 @@ class Agent:
 
     def is_leader(self) -> bool:
         return self.log.is_leader()
+
+    async def consistent_read(self) -> None:
+        """Make the next local read linearizable (`?consistent`)."""
+        if self.cluster is not None:
+            await self.cluster.driver.read_barrier()
 
     def problems(self) -> list[str]:
         """What keeps this node from working, for /health."""
@@ -481,6 +487,13 @@ class Agent:
                 raise CronmeshError(
                     f"--join: no member answered at {', '.join(self.config.join)}"
                 )
+        known = self._remembered_members()
+        if known:
+            # Like serf's snapshot: a restarted node finds its cluster again
+            # even when it was the seed that others joined.
+            task = asyncio.create_task(self._rejoin(known))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         if self.config.retry_join:
             task = asyncio.create_task(self._retry_join())
             self._background.add(task)
@@ -499,7 +512,42 @@ class Agent:
             self.exit_error = str(exc)
             self.stop()
 
+    def _remembered_members(self) -> list[str]:
+        try:
+            data = json.loads((self.data.path / MEMBERS_FILE).read_text())
+        except (OSError, ValueError):
+            return []
+        return [a for a in data if isinstance(a, str)] if isinstance(data, list) else []
+
+    async def _rejoin(self, addresses: list[str]) -> None:
+        assert self.gossip is not None
+        for _ in range(30):
+            if await self.gossip.join(addresses):
+                return
+            await asyncio.sleep(2.0)
+        log.warning("could not rejoin remembered members %s", ", ".join(addresses))
+
+    def _remember_members(self) -> None:
+        if self.gossip is None:
+            return
+        addresses = sorted(
+            f"{m.addr}:{m.port}"
+            for m in self.gossip.members()
+            if m.name != self.node_name and m.status in ("alive", "suspect")
+        )
+        if not addresses:
+            return
+        path = self.data.path / MEMBERS_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(addresses))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot remember members path=%s error=%s", path, exc)
+
     def _member_event(self, kind: str, member: Any) -> None:
+        if kind in ("join", "update"):
+            self._remember_members()
         level = (
             logging.INFO
             if kind in ("join", "leave", "failed", "reap")
@@ -566,6 +614,9 @@ class _QuietServer(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
+
+# Addresses of the other members, rewritten as they join, read at start.
+MEMBERS_FILE = "members.json"
 
 SERF_STATUS = {"alive": 1, "leaving": 2, "left": 3, "failed": 4, "suspect": 1}
 

@@ -87,6 +87,9 @@ def test_jobs_survive_the_leader_kill_and_the_old_leader_catches_up(
     assert (
         leader.post_job(shell_job("tick", "echo tick", "@every 1s")).status_code == 201
     )
+    follower = next(n for n in nodes if n is not leader)
+    consistent = follower.http.get("/v1/jobs/tick", params={"consistent": ""})
+    assert consistent.status_code == 200, "a consistent read saw an old state"
     for node in nodes:
         node.wait_for("all jobs replicated", lambda n=node: len(job_names(n)) == 101)
 

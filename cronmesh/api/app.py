@@ -152,6 +152,13 @@ def _sort(items: list[dict[str, Any]], key: str, order: str) -> list[dict[str, A
     return sorted(items, key=sort_key, reverse=order.upper() == "DESC")
 
 
+async def _maybe_consistent(agent: Agent, request: Request) -> None:
+    """`?consistent`: read after every write acknowledged before this request
+    (a read-index round through the leader); without it reads are local."""
+    if _bool_query(request.query_params.get("consistent")):
+        await agent.consistent_read()
+
+
 def create_app(agent: Agent) -> FastAPI:
     """The HTTP application of `agent`."""
     app = FastAPI(title="cronmesh", version=__version__, docs_url=None, redoc_url=None)
@@ -354,6 +361,7 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/v1/jobs")
     async def list_jobs(request: Request) -> Response:
+        await _maybe_consistent(agent, request)
         jobs = _filter_jobs(agent.store.list_jobs(), request)
         sort = request.query_params.get("_sort", "name")
         sort = "name" if sort == "id" else sort
@@ -368,6 +376,7 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/v1/jobs/{job}")
     async def get_job(request: Request, job: str) -> Response:
+        await _maybe_consistent(agent, request)
         return _reply(request, agent.job_json(agent.get_job(job)))
 
     @app.delete("/v1/jobs/{job}")
@@ -397,6 +406,7 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
 def _execution_routes(app: FastAPI, agent: Agent) -> None:
     @app.get("/v1/jobs/{job}/executions")
     async def executions(request: Request, job: str) -> Response:
+        await _maybe_consistent(agent, request)
         agent.get_job(job)
         q = request.query_params
         try:

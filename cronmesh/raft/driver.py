@@ -78,6 +78,8 @@ class RaftDriver:
         self._proposals: list[tuple[bytes, asyncio.Future[ApplyResult]]] = []
         self._changes: list[tuple[ConfChange, asyncio.Future[ApplyResult]]] = []
         self._transfers: list[str] = []
+        self._reads: list[bytes] = []
+        self._read_waiters: dict[bytes, asyncio.Future[None]] = {}
         self._pending: dict[int, tuple[int, asyncio.Future[ApplyResult]]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -172,6 +174,27 @@ class RaftDriver:
         self._wake.set()
         return await future
 
+    async def read_barrier(self, timeout: float = 5.0) -> None:
+        """Wait until this server's state reflects every write acknowledged
+        before the call (Raft's read-index, thesis §6.4).
+
+        Raises:
+            NotLeaderError: no leader could confirm the read in time.
+        """
+        if self.broken:
+            raise StorageError(self.broken)
+        ctx = self.rng.randbytes(12)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._read_waiters[ctx] = future
+        self._reads.append(ctx)
+        self._wake.set()
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError as exc:
+            raise NotLeaderError(self.leader or "") from exc
+        finally:
+            self._read_waiters.pop(ctx, None)
+
     def transfer_leadership(self, target: str) -> None:
         self._transfers.append(target)
         self._wake.set()
@@ -212,7 +235,13 @@ class RaftDriver:
         return self.node
 
     def _has_input(self) -> bool:
-        return bool(self._inbox or self._proposals or self._changes or self._transfers)
+        return bool(
+            self._inbox
+            or self._proposals
+            or self._changes
+            or self._transfers
+            or self._reads
+        )
 
     def _feed(self) -> None:
         node = self._node()
@@ -238,6 +267,12 @@ class RaftDriver:
                 future.set_exception(exc)
                 continue
             self._pending[index] = (term, future)
+        reads, self._reads = self._reads, []
+        for ctx in reads:
+            try:
+                node.read_index(ctx)
+            except RaftError:
+                self._settle_read(ctx, NotLeaderError(self.leader or ""))
         transfers, self._transfers = self._transfers, []
         for target in transfers:
             try:
@@ -258,6 +293,10 @@ class RaftDriver:
             )
         if ready.committed_entries:
             self._apply(ready)
+        for state in ready.read_states:
+            self._settle_read(state.ctx, None)
+        for ctx in ready.failed_reads:
+            self._settle_read(ctx, NotLeaderError(self.leader or ""))
         if ready.soft_state is not None:
             self._role_changed(
                 ready.soft_state.role, ready.soft_state.leader, ready.soft_state.term
@@ -282,6 +321,15 @@ class RaftDriver:
                 )
             else:
                 future.set_result(result)
+
+    def _settle_read(self, ctx: bytes, error: Exception | None) -> None:
+        future = self._read_waiters.get(ctx)
+        if future is None or future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
     def _role_changed(self, role: Role, leader: str | None, term: int) -> None:
         was_leader = self.role is Role.LEADER
