@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,9 @@ def spawn_floor(count: int) -> dict[str, float]:
     threads) with nothing else around it: no scheduler, no commit.
     """
     try:
-        from cronmesh.core.executors.shell import _SPAWN_THREADS, _spawn_path
+        from cronmesh.core.executors.shell import SPAWN_THREADS, _spawn_path
     except ImportError:  # an older cronmesh (a before/after run): one way only
-        _SPAWN_THREADS = _spawn_path = None
+        SPAWN_THREADS, _spawn_path = 0, None
 
     argv = ("/bin/date", "+%s.%N")
     env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
@@ -114,11 +115,11 @@ def spawn_floor(count: int) -> dict[str, float]:
         ]
 
     def threads(write_fd: int) -> list[int]:
-        spawns = [
-            _SPAWN_THREADS.submit(_spawn_path, argv, env, write_fd)
-            for _ in range(count)
-        ]
-        return [spawn.result() for spawn in spawns]
+        with ThreadPoolExecutor(SPAWN_THREADS) as pool:
+            spawns = [
+                pool.submit(_spawn_path, argv, env, write_fd) for _ in range(count)
+            ]
+            return [spawn.result() for spawn in spawns]
 
     figures = {}
     ways = [("floor_1thread", one_thread)]

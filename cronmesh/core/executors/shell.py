@@ -65,15 +65,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import concurrent.futures
 import ctypes
 import errno
 import grp
 import os
 import pwd
+import queue
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -872,29 +873,13 @@ class _SpawnedJob(asyncio.SubprocessTransport):
     ) -> _SpawnedJob:
         """Spawn ``cfg.argv`` in a new session; OSError if it cannot start.
 
-        The spawn runs in a worker thread (see ``_Spawner``). If this task
-        is cancelled meanwhile, whatever the thread started is killed.
+        The spawn runs in a spawn thread (see ``_Spawner``, ``_SpawnPool``).
+        If this task is cancelled meanwhile, whatever it started is killed.
         """
-        env = kwargs["env"]
-        # Only our end is non-blocking: the job's output must block when full.
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(read_fd, False)
-        spawned = loop.run_in_executor(
-            _SPAWN_THREADS, _spawn_path, cfg.argv, env, write_fd
-        )
-        try:
-            pid = await asyncio.shield(spawned)
-        except asyncio.CancelledError:
-            # The thread still uses write_fd: clean up once it is done.
-            spawned.add_done_callback(
-                lambda done: _drop_spawn(done, loop, read_fd, write_fd)
-            )
-            raise
-        except BaseException:
-            os.close(read_fd)
-            os.close(write_fd)
-            raise
-        os.close(write_fd)
+        # A cancellation while the thread spawns cancels `spawned`; the pool
+        # then kills and reaps whatever the thread started.
+        spawned = _SPAWN_POOL.submit(loop, _spawn_job, cfg.argv, kwargs["env"])
+        pid, read_fd = await spawned
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -984,22 +969,6 @@ class _SpawnedJob(asyncio.SubprocessTransport):
             except ProcessLookupError:
                 pass
         self._maybe_lost()
-
-
-def _drop_spawn(
-    done: asyncio.Future[int],
-    loop: asyncio.AbstractEventLoop,
-    read_fd: int,
-    write_fd: int,
-) -> None:
-    """After a cancelled start: close the pipe, kill and reap what started."""
-    os.close(read_fd)
-    os.close(write_fd)
-    if done.cancelled() or done.exception() is not None:
-        return
-    pid = done.result()
-    kill_group(pid)
-    _reap_pid(loop, pid)
 
 
 def _reap_pid(loop: asyncio.AbstractEventLoop, pid: int, tries: int = 100) -> None:
@@ -1098,11 +1067,107 @@ def _make_spawner() -> _Spawner | None:
 
 
 _SPAWNER = _make_spawner()
+
+
+class _SpawnPool:
+    """Threads that start jobs and hand the results to the event loop in batches.
+
+    ``run_in_executor`` would wake the loop once per spawn through its
+    self-pipe. Hundreds of wakeups during one busy turn fill that pipe, and
+    the byte a signal writes to the same pipe is then lost: a SIGTERM that
+    never arrives. Here a thread wakes a loop only when that loop had no
+    result waiting, so one byte covers a whole batch.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._results: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        self._threads: list[threading.Thread] = []
+
+    def submit(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` in a spawn thread; its result, in ``loop``."""
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if len(self._threads) < self.size:
+                thread = threading.Thread(
+                    target=self._work, name="cronmesh-spawn", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+        self._requests.put((loop, future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            loop, future, fn, args = self._requests.get()
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            with self._lock:
+                waiting = self._results.setdefault(loop, [])
+                wake = not waiting
+                waiting.append((future, result, error))
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, loop)
+                except RuntimeError:  # the loop is closed: nobody will supervise
+                    for _, started, _ in self._take(loop):
+                        if started is not None:
+                            _kill_spawned(started)
+                            os.waitpid(started[0], 0)
+
+    # Limitation: results waiting for a loop that closes before it runs the
+    # delivery (a spawn finishing during the loop's own shutdown) are never
+    # delivered, so such a job runs on unsupervised.
+    def _take(self, loop: asyncio.AbstractEventLoop) -> list[Any]:
+        with self._lock:
+            return self._results.pop(loop, [])
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        for future, result, error in self._take(loop):
+            if future.cancelled():
+                if result is not None:  # started for a task that is gone
+                    _kill_spawned(result)
+                    _reap_pid(loop, result[0])
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+def _kill_spawned(started: tuple[int, int]) -> None:
+    pid, read_fd = started
+    kill_group(pid)
+    os.close(read_fd)
+
+
 # Threads that start jobs; each waits for one vfork child at a time.
 SPAWN_THREADS = 4
-_SPAWN_THREADS = concurrent.futures.ThreadPoolExecutor(
-    SPAWN_THREADS, thread_name_prefix="cronmesh-spawn"
-)
+_SPAWN_POOL = _SpawnPool(SPAWN_THREADS)
+
+
+def _spawn_job(argv: tuple[str, ...], env: dict[bytes, bytes]) -> tuple[int, int]:
+    """Start ``argv`` with its output on a new pipe: (pid, our read end).
+
+    The pipe is made here, in the spawn thread, so that jobs waiting for a
+    thread hold no descriptors.
+    """
+    # Only our end is non-blocking: the job's output must block when full.
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.set_blocking(read_fd, False)
+        pid = _spawn_path(argv, env, write_fd)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return pid, read_fd
 
 
 def _spawn_path(argv: tuple[str, ...], env: dict[bytes, bytes], write_fd: int) -> int:
