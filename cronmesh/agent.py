@@ -573,9 +573,28 @@ class Agent:
             return
         self.config.tags = tags
         logging.getLogger().setLevel(level.upper())
+        self._reload_keyring()
         if self.gossip is not None:
             self.gossip.set_tags(self.tags)
         log.info("configuration reloaded tags=%s log_level=%s", tags, level)
+
+    def _reload_keyring(self) -> None:
+        """Bring the live keyring in line with keyring.json (rotation)."""
+        if self.gossip is None or self.gossip.keyring is None:
+            return
+        try:
+            fresh = Keyring.load(self.data.path)
+        except CronmeshError as exc:
+            log.error("keyring not reloaded: %s", exc)
+            return
+        live = self.gossip.keyring
+        for key in fresh.keys:
+            live.install(key)
+        live.use(fresh.primary_key)
+        for key in live.keys:
+            if key not in fresh.keys:
+                live.remove(key)
+        log.info("keyring reloaded keys=%d", len(fresh.keys))
 
     def stop(self) -> None:
         self._stop.set()
@@ -663,16 +682,19 @@ def advertise_address(text: str, bind: tuple[str, int]) -> tuple[str, int]:
 def load_keyring(data_dir: Path, key: str) -> Keyring | None:
     """The gossip keyring kept in the data dir, with --encrypt's key in it.
 
-    A key given on the command line is installed and made primary; keys
-    installed earlier stay, so a rotation needs no downtime.
+    On first start --encrypt's key becomes the ring; later the file wins (a
+    rotation may have moved the primary key on) and --encrypt's key is only
+    kept installed.
     """
     path = data_dir / KEYRING_FILE
-    if not key and not path.exists():
-        return None
-    ring = Keyring.load(data_dir) if path.exists() else Keyring([key])
-    if key:
-        ring.install(key)
-        ring.use(key)
+    if not path.exists():
+        if not key:
+            return None
+        ring = Keyring([key])
+    else:
+        ring = Keyring.load(data_dir)
+        if key:
+            ring.install(key)
     ring.save(data_dir)
     return ring
 

@@ -32,7 +32,10 @@ def cases_dir() -> Path:
 class AgentProcess:
     """A `cronmesh agent` child process with its own data dir and port."""
 
-    def __init__(self, data_dir: Path, *extra: str, name: str = "node1") -> None:
+    def __init__(
+        self, data_dir: Path, *extra: str, name: str = "node1", server: bool = True
+    ) -> None:
+        self.server = server
         self.data_dir = data_dir
         self.name = name
         self.extra = list(extra)
@@ -51,7 +54,7 @@ class AgentProcess:
             "-m",
             "cronmesh",
             "agent",
-            "--server",
+            *(["--server"] if self.server else []),
             "--data-dir",
             str(self.data_dir),
             "--node-name",
@@ -148,8 +151,11 @@ def agent_factory(tmp_path: Path) -> Iterator[Any]:
         name: str = "node1",
         data_dir: Path | None = None,
         start: bool = True,
+        server: bool = True,
     ) -> AgentProcess:
-        node = AgentProcess(data_dir or tmp_path / f"data-{name}", *extra, name=name)
+        node = AgentProcess(
+            data_dir or tmp_path / f"data-{name}", *extra, name=name, server=server
+        )
         started.append(node)
         return node.start() if start else node
 

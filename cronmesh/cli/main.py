@@ -12,7 +12,7 @@ import sys
 import typer
 
 from cronmesh import __version__
-from cronmesh.cli import agent_cmd, client, cluster_cmds, raft, schedule
+from cronmesh.cli import agent_cmd, client, cluster_cmds, keyring_cmd, raft, schedule
 
 __all__ = ["app", "main"]
 
@@ -32,6 +32,7 @@ app.add_typer(raft.app, name="raft")
 app.command("members")(cluster_cmds.members)
 app.command("leave")(cluster_cmds.leave)
 app.command("keygen")(cluster_cmds.keygen)
+app.add_typer(keyring_cmd.app, name="keyring")
 
 
 @app.command("version")
