@@ -161,6 +161,7 @@ class Agent:
         self._server: uvicorn.Server | None = None
         self._background: set[asyncio.Task[object]] = set()
         self.exit_error = ""
+        self._reaped: set[str] = set()
 
     # -- identity
     @property
@@ -341,10 +342,11 @@ class Agent:
         return peers
 
     def servers_left(self) -> set[str]:
-        """Servers that left the mesh gracefully (removed from Raft)."""
+        """Servers to remove from Raft: they left the mesh gracefully, or
+        stayed failed past the reconnect timeout (reaped)."""
         if self.gossip is None:
-            return set()
-        return {
+            return set(self._reaped)
+        return set(self._reaped) | {
             m.name
             for m in self.gossip.members()
             if m.status == "left" and m.tags.get("server") == "true"
@@ -548,6 +550,9 @@ class Agent:
     def _member_event(self, kind: str, member: Any) -> None:
         if kind in ("join", "update"):
             self._remember_members()
+        if kind == "reap" and member.tags.get("server") == "true":
+            # Failed for longer than the reconnect timeout: gone for good.
+            self._reaped.add(member.name)
         level = (
             logging.INFO
             if kind in ("join", "leave", "failed", "reap")

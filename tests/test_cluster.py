@@ -204,3 +204,13 @@ def test_recover_a_cluster_that_lost_its_quorum(
     assert "kept" in job_names(survivor)
     assert survivor.post_job(shell_job("after", "true")).status_code == 201
     assert [r["ID"] for r in peers(survivor)] == [survivor.name]
+
+
+def test_a_leader_stopped_gracefully_hands_over_first(agent_factory: Any) -> None:
+    nodes = start_cluster(agent_factory)
+    leader = leader_of(nodes)
+    assert leader.stop() == 0
+    assert "leadership handed over" in leader.log()
+    survivors = [n for n in nodes if n is not leader]
+    new_leader = leader_of(survivors, timeout=5)
+    assert new_leader.post_job(shell_job("after-handover", "true")).status_code == 201

@@ -45,14 +45,15 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_members_see_each_other_and_a_killed_one_fails(agent_factory: Any) -> None:
-    nodes = start_mesh(agent_factory, 4, "--encrypt", KEY_A)
-    everyone = {f"a{i}": "alive" for i in range(1, 5)}
+    nodes = start_mesh(agent_factory, 5, "--encrypt", KEY_A)
+    everyone = {f"a{i}": "alive" for i in range(1, 6)}
     for node in nodes:
         node.wait_for("all alive", lambda n=node: statuses(n) == everyone, 20)
     addresses = {m["Name"]: m["Addr"] for m in nodes[0].http.get("/v1/members").json()}
-    assert addresses == {f"a{i}": f"127.0.0.{i + 1}" for i in range(1, 5)}
+    assert addresses == {f"a{i}": f"127.0.0.{i + 1}" for i in range(1, 6)}
     nodes[3].kill9()
-    for node in nodes[:3]:
+    # The local profile's bound: suspicion timeout for 5 members plus probing.
+    for node in nodes[:3] + nodes[4:]:
         node.wait_for("a4 failed", lambda n=node: statuses(n)["a4"] == "failed", 30)
     assert nodes[2].stop() == 0
     for node in nodes[:2]:
