@@ -493,21 +493,24 @@ class RaftNode:
 
     def has_ready(self) -> bool:
         """Whether ``ready()`` would return something worth handling."""
-        hard = HardState(self.term, self.vote, self.commit)
-        soft = SoftState(self.role, self.leader, self.term)
-        reads = self._reads_ready and min(r.index for r in self._reads_ready)
+        # Called after every input: compare fields rather than build objects.
+        hard, soft = self._persisted_hs, self._reported_soft
         return bool(
             self._msgs
             or self.log.unstable
-            or self.log.truncate_from is not None
+            or self.commit > self.applied
+            or self.term != hard.term
+            or self.vote != hard.vote
+            or self.commit != hard.commit
+            or self.role is not soft.role
+            or self.leader != soft.leader
+            or self.term != soft.term
             or (self.role is Role.LEADER and (self._bcast or self._seq_due))
+            or self.log.truncate_from is not None
             or self._install
             or self._compacted
             or self._failed_reads
-            or self.commit > self.applied
-            or (reads and reads <= self.commit)
-            or hard != self._persisted_hs
-            or soft != self._reported_soft
+            or any(r.index <= self.commit for r in self._reads_ready)
         )
 
     @_guarded
