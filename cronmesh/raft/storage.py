@@ -197,8 +197,8 @@ def bootstrap(log: LogStore, stable: StableStore, voters: set[str]) -> None:
     Raises:
         InvariantViolation: the stores are not empty.
     """
-    # Limitation: there is no recovery path yet (hashicorp's peers file) for
-    # a cluster that lost its quorum for good; the design calls for one.
+    # A cluster that lost its quorum for good is repaired offline instead,
+    # by raft.recovery.force_configuration (`cronmesh raft recover`).
     if log.last_index() != 0 or stable.hard_state() != HardState():
         raise InvariantViolation("raft: bootstrap on a server that has state")
     data = encode_config_entry(Membership(frozenset(voters)), None)
