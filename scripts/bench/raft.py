@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +57,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
+RUNS = itertools.count()
+LATENCY_SECONDS = 20.0  # a latency run stops after --count samples or this
 PIP_HINT = f"{sys.executable} -m pip install pysyncobj"
 
 
@@ -108,6 +112,12 @@ async def cronmesh_worker(args: argparse.Namespace) -> None:
     from cronmesh.storage.state import StateStore
 
     peers = dict(p.split("=", 1) for p in args.peers.split(",") if p)
+    if args.no_fsync:
+        # Diagnostic only: LMDB without fsync, to see what the disk costs.
+        import lmdb
+
+        lmdb_open = lmdb.open
+        lmdb.open = lambda *a, **k: lmdb_open(*a, **{**k, "sync": False})
     data = DataDir(args.data_dir)
     fsm = StateMachine(StateStore(data))
     cluster = Cluster(
@@ -175,12 +185,15 @@ async def cronmesh_worker(args: argparse.Namespace) -> None:
 
 
 async def cronmesh_latency(driver: Any, payload: bytes, count: int) -> dict[str, Any]:
-    for _ in range(min(count // 10, 200)):  # warm-up
+    for _ in range(min(count // 10, 50)):  # warm-up
         await driver.propose(payload)
     samples: list[float] = []
     errors = 0
+    stop = time.perf_counter() + LATENCY_SECONDS
     for _ in range(count):
         start = time.perf_counter()
+        if start > stop:
+            break
         try:
             result = await driver.propose(payload)
         except Exception:
@@ -278,12 +291,15 @@ def pysyncobj_worker(args: argparse.Namespace) -> None:
 
 
 def pysyncobj_latency(obj: Any, payload: bytes, count: int) -> dict[str, Any]:
-    for _ in range(min(count // 10, 200)):
+    for _ in range(min(count // 10, 50)):
         obj.put(payload, sync=True, timeout=5)
     samples: list[float] = []
     errors = 0
+    stop = time.perf_counter() + LATENCY_SECONDS
     for _ in range(count):
         start = time.perf_counter()
+        if start > stop:
+            break
         try:
             obj.put(payload, sync=True, timeout=5)
         except Exception:
@@ -410,16 +426,18 @@ def run_workers(
     label: str, cmds: list[list[str]], tmp: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     workers: list[Worker] = []
+    run = next(RUNS)
     try:
         for i, cmd in enumerate(cmds):
-            workers.append(Worker(cmd, tmp / f"{label}-{i}.log"))
+            log = tmp / f"{label.split()[0]}-{run}-{i}.log"
+            workers.append(Worker(cmd, log))
         for worker in workers:
             worker.receive(timeout=60)
         leader = find_leader(workers)
         time.sleep(1.0)  # let the followers' connections settle
         lat = leader.ask(
             {"op": "latency", "count": args.count, "payload": args.payload},
-            timeout=args.count * 0.2 + 60,
+            timeout=LATENCY_SECONDS + 60,
         )
         thr = leader.ask(
             {
@@ -447,7 +465,9 @@ def run_workers(
     return result
 
 
-def bench_cronmesh(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def bench_cronmesh(
+    tmp: Path, args: argparse.Namespace, fsync: bool = True
+) -> dict[str, Any]:
     names = ["s1", "s2", "s3"]
     ports = {n: free_port() for n in names}
     cmds = []
@@ -462,14 +482,17 @@ def bench_cronmesh(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "--name",
                 name,
                 "--data-dir",
-                str(tmp / f"raft-{name}"),
+                str(tmp / f"raft-{name}-{'sync' if fsync else 'nosync'}"),
                 "--rpc-port",
                 str(ports[name]),
                 "--peers",
                 peers,
+                *([] if fsync else ["--no-fsync"]),
             ]
         )
-    return run_workers("cronmesh raft (fsync on)", cmds, tmp, args)
+    if fsync:
+        return run_workers("cronmesh raft (fsync on)", cmds, tmp, args)
+    return run_workers("cronmesh raft (fsync OFF, diagnostic)", cmds, tmp, args)
 
 
 def bench_pysyncobj(tmp: Path, args: argparse.Namespace, batch: bool) -> dict[str, Any]:
@@ -491,6 +514,23 @@ def bench_pysyncobj(tmp: Path, args: argparse.Namespace, batch: bool) -> dict[st
     ]
     label = f"PySyncObj (no fsync, appendEntriesUseBatch={batch})"
     return run_workers(label, cmds, tmp, args)
+
+
+def disk_commit_latency(tmp: Path, count: int = 300) -> dict[str, float]:
+    """One LMDB write transaction with fsync, ~200 B each, one at a time."""
+    from cronmesh.storage.env import DataDir
+
+    data = DataDir(tmp / "disk-probe")
+    try:
+        table = data.db("probe")
+        samples = []
+        for i in range(count):
+            start = time.perf_counter()
+            data.write(lambda txn, i=i: txn.put(b"%08d" % i, b"x" * 200, db=table))
+            samples.append(time.perf_counter() - start)
+    finally:
+        data.close()
+    return summary_ms(samples)
 
 
 # -- real agents: HTTP writes and failover
@@ -770,7 +810,7 @@ def table(results: dict[str, Any]) -> str:
     for r in results["raft"]:
         rows.append(
             (
-                r["name"],
+                r["name"] + (f" [round {r['round']}]" if "round" in r else ""),
                 str(r.get("payload_bytes", "-")),
                 f"{r['commits_per_s']:.0f} ({r['concurrency']} conc.)",
                 f"{r['latency']['p50_ms']:.2f} / {r['latency']['p99_ms']:.2f}",
@@ -783,12 +823,28 @@ def table(results: dict[str, Any]) -> str:
         " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    names = list(dict.fromkeys(r["name"] for r in results["raft"] if "round" in r))
+    for name in names if results.get("rounds", 1) > 1 else ():
+        runs = [r for r in results["raft"] if r["name"] == name and "round" in r]
+        rate = [r["commits_per_s"] for r in runs]
+        p50 = [r["latency"]["p50_ms"] for r in runs]
+        lines.append(
+            f"median of {len(runs)} rounds, {name}: {statistics.median(rate):.0f} "
+            f"commits/s ({min(rate):.0f}-{max(rate):.0f}), 1-proposer p50 "
+            f"{statistics.median(p50):.2f} ms ({min(p50):.2f}-{max(p50):.2f})"
+        )
     for r in results["raft"]:
         if "entries_per_fsyncd_persists" in r:
             lines.append(
-                f"{r['name']}: under load {r['entries_per_fsyncd_persists']} entries "
+                f"{r['name']} [round {r.get('round', 1)}]: under load "
+                f"{r['entries_per_fsyncd_persists']} entries "
                 f"per fsync'd log persist, {r['entries_per_apply_batches']} per apply"
             )
+    disk = results["lmdb_commit"]
+    lines.append(
+        f"disk: one LMDB commit with fsync, alone: p50 {disk['p50_ms']:.2f} ms, "
+        f"p99 {disk['p99_ms']:.2f} ms"
+    )
     fo = results.get("failover")
     if fo:
         lines.append(
@@ -813,8 +869,16 @@ def main() -> None:
     parser.add_argument("--http-seconds", type=float, default=5.0)
     parser.add_argument("--http-count", type=int, default=300)
     parser.add_argument("--skip-raft", action="store_true", help="agents only")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the Raft comparison"
+    )
     parser.add_argument("--skip-pysyncobj", action="store_true")
     parser.add_argument("--skip-agents", action="store_true")
+    parser.add_argument(
+        "--no-fsync-too",
+        action="store_true",
+        help="also run cronmesh with LMDB's fsync off (a diagnostic)",
+    )
     parser.add_argument("--dir", help="where data dirs go (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     # internal: run one worker
@@ -825,6 +889,7 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--rpc-port", type=int)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--no-fsync", action="store_true")
     args = parser.parse_args()
 
     if args.worker:
@@ -850,14 +915,24 @@ def main() -> None:
         "load_before": load_average(),
         "cpus": os.cpu_count(),
         "data_dir": str(tmp),
+        "rounds": args.rounds,
+        "argv": sys.argv[1:],
         "raft": [],
     }
     try:
-        if not args.skip_raft:
-            results["raft"].append(bench_cronmesh(tmp, args))
-        if have_pysyncobj and not args.skip_pysyncobj and not args.skip_raft:
-            for batch in (True, False):
-                results["raft"].append(bench_pysyncobj(tmp, args, batch))
+        results["lmdb_commit"] = disk_commit_latency(tmp)
+        for k in range(1, args.rounds + 1) if not args.skip_raft else ():
+            rtmp = tmp / f"round-{k}"
+            rtmp.mkdir()
+            runs = [bench_cronmesh(rtmp, args)]
+            if args.no_fsync_too:
+                runs.append(bench_cronmesh(rtmp, args, fsync=False))
+            if have_pysyncobj and not args.skip_pysyncobj:
+                for batch in (True, False):
+                    runs.append(bench_pysyncobj(rtmp, args, batch))
+            for run in runs:
+                run["round"] = k
+            results["raft"] += runs
         if not args.skip_agents:
             agents = bench_agents(tmp, args)
             if "http" in agents:
