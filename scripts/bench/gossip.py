@@ -64,9 +64,9 @@ from cronmesh.gossip.outputs import EventKind
 from cronmesh.gossip.sim import Simulator, detection_bound_ms, summarize
 from cronmesh.gossip.suspicion import suspicion_timeout_ms
 
-# Simulated minutes per loss level and seeds per cluster size, chosen so the
-# simulator part takes a few minutes on two cores (1,000 members: ~0.8 s of
-# CPU per simulated second, plus ~2 min to start the cluster).
+# Simulated minutes per loss level and seeds per cluster size. Measured on
+# 2 shared vCPUs at load ~6: 10 members 37 s, 100 members 2 min, 1,000
+# members 10 min (mostly starting the cluster: 100 simulated s of joins).
 SIM_DEFAULTS: dict[int, tuple[float, int]] = {10: (30.0, 3), 100: (3.0, 2)}
 SIM_BIG = (0.5, 1)
 POLL_S = 0.05
@@ -593,7 +593,7 @@ def print_sim(rows: list[dict[str, Any]], losses: list[float]) -> None:
     print("Simulator (lan profile; detection at 0% loss; FP = false 'failed')")
     head = "members seeds min/loss  det.med  det.p99  ML-LAN"
     head += "".join(f"  FP/mh@{loss:.0%}" for loss in losses)
-    head += "  B/member/s"
+    head += "  B/member/s at each loss"
     print(head)
     for row in rows:
         line = (
@@ -607,8 +607,8 @@ def print_sim(rows: list[dict[str, Any]], losses: list[float]) -> None:
             rate = cell["false_positives_per_member_hour"]
             text = "-" if rate is None else f"{rate:g} ({cell['false_positives']})"
             line += f" {text:>10}"
-        rate0 = row["loss"][str(losses[0])]["bytes_per_member_per_s"]
-        line += f"  {rate0}"
+        rates = [row["loss"][str(loss)]["bytes_per_member_per_s"] for loss in losses]
+        line += "  " + " / ".join(f"{rate:g}" for rate in rates if rate is not None)
         print(line)
         for error in row["errors"]:
             print(f"        error: {error}")
@@ -616,7 +616,9 @@ def print_sim(rows: list[dict[str, Any]], losses: list[float]) -> None:
             print(f"        {row['undetected']} observers never reported the crash")
     print(
         "  FP/mh = false 'failed' reports per member-hour (total in brackets);"
-        f" B/member/s at {losses[0]:.0%} loss; ML-LAN = memberlist's formula"
+        " B/member/s = UDP bytes; ML-LAN = memberlist's formula (probe interval"
+        " + minimum suspicion timeout); min/loss = simulated minutes per loss"
+        " level (fewer for big clusters: see --minutes, --seeds)"
     )
 
 
