@@ -373,6 +373,8 @@ class StateMachine:
             view.delete_job_row(job.name)
             deleted = True
         else:
+            # Limitation: the counters live in the job row, so every finished
+            # run rewrites the whole job (a JSON encode per execution).
             view.put_job(job)
             view.put_runtime(job.name, runtime)
         events.append(

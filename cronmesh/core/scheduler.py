@@ -170,6 +170,8 @@ class Scheduler:
         Missed instants within the catch-up window each run once, late;
         older ones are skipped and counted in `missed`.
         """
+        # Limitation: when the node is overloaded, these late runs add work
+        # exactly while it is behind (see docs/benchmarks.md, 2000 jobs).
         window_start = now - timedelta(seconds=self.catch_up)
         nxt: datetime | None = first
         for _ in range(MAX_CATCH_UP_STEPS):

@@ -9,8 +9,8 @@ so a growing state never fails with "map full".
 All access happens on the agent's event-loop thread: LMDB needs no active
 transaction in the process while the map is resized, and one thread is the
 simplest way to guarantee that. A commit with fsync costs about half a
-millisecond here (see docs/benchmarks.md), which the loop can afford because
-callers batch their writes.
+millisecond on a fast disk, but 8-12 ms on the 2-core VM of docs/benchmarks.md
+under load; the loop can afford it because callers batch their writes.
 """
 
 from __future__ import annotations
