@@ -25,9 +25,14 @@ Three parts, all on 127.0.0.1, all in one run:
    `kill -9` the leader and time until a survivor answers a `POST /v1/jobs`
    with 201; the killed server is restarted between rounds.
 
+`--no-fsync-too` adds a diagnostic run of part 1 with LMDB's fsync off;
+`--rounds N` repeats parts 1-2 (interleaved) and prints medians. Data dirs
+go to a temp dir under /var/tmp (on disk, not tmpfs) unless `--dir`.
+
     .venv/bin/pip install pysyncobj          # not a project dependency
     .venv/bin/python scripts/bench/raft.py
-    .venv/bin/python scripts/bench/raft.py --seconds 5 --failovers 3 --json
+    .venv/bin/python scripts/bench/raft.py --rounds 3 --no-fsync-too --json
+    .venv/bin/python scripts/bench/raft.py --seconds 5 --failovers 3
 
 The workers talk to this process over stdin/stdout, one JSON object a line.
 """
