@@ -160,6 +160,11 @@ def start_agent(data_dir: Path, port: int, raft: bool) -> subprocess.Popen[bytes
             "warning",
             "--shutdown-grace",
             "5",
+            # Loopback only: gossip on a free port, Raft's gRPC on another.
+            "--bind-addr",
+            "127.0.0.1:0",
+            "--rpc-port",
+            str(free_port()),
         ],
         stdout=log,
         stderr=log,
