@@ -108,7 +108,7 @@ def main() -> None:
         "--http-addr",
         f"127.0.0.1:{port}",
         "--bind-addr",
-        "127.0.0.1:8946",
+        f"127.0.0.1:{pick_port(8946)}",
         "--rpc-port",
         str(pick_port(6868)),
         "--log-level",
@@ -144,6 +144,7 @@ def main() -> None:
                 proc.wait(40)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        console.print(f"node stopped; its data is in {data_dir}")
 
 
 if __name__ == "__main__":
