@@ -287,13 +287,17 @@ class StateMachine:
                 f"job {name!r} has dependent jobs {job.dependent_jobs}: "
                 "delete the children first",
             )
-        if job.parent_job:
-            self._unlink_child(view, job.parent_job, name)
-        for key in list(view.iter_execution_keys(name)):
-            view.delete_execution(key)
-        view.delete_job_row(name)
+        self._remove_job(view, job)
         events.append(Event("job_deleted", name, previous=job))
         return ApplyResult(value=job)
+
+    def _remove_job(self, view: StateView, job: Job) -> None:
+        """Delete a job (no children), its executions, and its parent's link."""
+        if job.parent_job:
+            self._unlink_child(view, job.parent_job, job.name)
+        for key in list(view.iter_execution_keys(job.name)):
+            view.delete_execution(key)
+        view.delete_job_row(job.name)
 
     def _set_disabled(
         self, view: StateView, cmd: dict[str, Any], events: list[Event]
@@ -366,11 +370,7 @@ class StateMachine:
         deleted = False
         if job.ephemeral and execution.success and not job.dependent_jobs:
             # Dkron: an ephemeral job is deleted after its first success.
-            if job.parent_job:
-                self._unlink_child(view, job.parent_job, job.name)
-            for key in list(view.iter_execution_keys(job.name)):
-                view.delete_execution(key)
-            view.delete_job_row(job.name)
+            self._remove_job(view, job)
             deleted = True
         else:
             # Limitation: the counters live in the job row, so every finished
