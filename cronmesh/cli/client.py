@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -237,7 +236,3 @@ def executions(
         for item in data:
             out.rule(item["id"])
             out.print(item.get("output", ""), markup=False, highlight=False)
-
-
-def env_address() -> str:
-    return os.environ.get("CRONMESH_ADDRESS", DEFAULT_ADDRESS)

@@ -58,8 +58,6 @@ class Runner:
         self.max_output = max_output
         self.live: dict[str, LiveExecution] = {}
         self.retry_delay = 0.5
-        # Seconds from the wall-clock epoch at which each process was spawned.
-        self.spawned_at: dict[str, float] = {}
 
     def start(self, job: Job, execution: Execution) -> LiveExecution:
         """Run `execution` (already committed as started) in the background."""
