@@ -402,12 +402,20 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        server_task = await self._start_http()
-        await self._start_gossip()
-        if self.cluster is not None:
-            await self.cluster.start()
-        else:
-            self.scheduler.start()
+        # Bind the API first so a busy port fails at once, but answer only
+        # once the node has joined: a client that sees /health must be
+        # able to count on the membership it asked for.
+        http_socket = self._listen_http()
+        try:
+            await self._start_gossip()
+            if self.cluster is not None:
+                await self.cluster.start()
+            else:
+                self.scheduler.start()
+        except BaseException:
+            http_socket.close()
+            raise
+        server_task = await self._start_http(http_socket)
         recovery = asyncio.create_task(self.recover_interrupted())
         self._background.add(recovery)
         recovery.add_done_callback(self._background.discard)
@@ -444,10 +452,9 @@ class Agent:
             raise CronmeshError(f"{where}: cannot listen: {exc.strerror}") from exc
         return sock
 
-    async def _start_http(self) -> asyncio.Task[None]:
+    async def _start_http(self, sock: socket.socket) -> asyncio.Task[None]:
         from cronmesh.api.app import create_app
 
-        sock = self._listen_http()
         config = uvicorn.Config(
             create_app(self),
             log_level="warning",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import itertools
+import os
 import subprocess
 import threading
 import time
@@ -196,7 +197,8 @@ def test_job_for_other_tags_is_recorded_failed_not_skipped(agent: AgentProcess) 
 def test_J09_timeout_kills_the_process_group_and_frees_the_job(
     agent: AgentProcess,
 ) -> None:
-    marker = "100.4242"
+    # Unique per run: pgrep must not see another test run's sleeps.
+    marker = f"100.{os.getpid()}{time.monotonic_ns() % 1000}"
     agent.post_job(
         shell_job(
             "spawner",
