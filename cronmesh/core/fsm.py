@@ -237,7 +237,8 @@ class StateMachine:
         # A nested transaction: if any job is refused, none is written.
         child = self.store.data.env.begin(write=True, parent=view.txn)
         inner = StateView(self.store.data, child)
-        report, new_events = [], []
+        report: list[dict[str, str]] = []
+        new_events: list[Event] = []
         for name in order:
             result = self._set_job(
                 inner, {"job": jobs[name], "restore": True}, new_events

@@ -95,8 +95,13 @@ class Schedule(Protocol):
     (``@at``, ``@after``) also carry ``once = True``.
     """
 
-    expr: str
-    zone: ZoneInfo  # renders results; after a TZ= prefix, the prefix's zone
+    @property
+    def expr(self) -> str: ...
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """Renders results; after a TZ= prefix, the prefix's zone."""
+        ...
 
     def next_after(self, after: datetime) -> datetime | None:
         """First fire instant strictly after ``after``.
