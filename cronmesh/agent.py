@@ -28,7 +28,7 @@ from cronmesh.cluster import Cluster
 from cronmesh.core.commitlog import CommandLog, LocalLog
 from cronmesh.core.dispatcher import Dispatcher
 from cronmesh.core.executors import get_executor
-from cronmesh.core.executors.shell import install_pidfd_child_watcher
+from cronmesh.core.executors.shell import dropped_tail, install_pidfd_child_watcher
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
 from cronmesh.core.model import Execution, Job, format_time
 from cronmesh.core.runner import Runner
@@ -252,6 +252,18 @@ class Agent:
             raise ValidationError('executor: required (e.g. "shell")', "executor")
         get_executor(job.executor).validate(job.executor_config)
         return job
+
+    def job_warnings(self, job: Job) -> list[str]:
+        """Things about a valid job that probably surprise its author."""
+        if job.executor != "shell":
+            return []
+        tail = dropped_tail(job.executor_config)
+        if not tail:
+            return []
+        return [
+            f'executor_config.command: without "shell": "true" it runs only up '
+            f"to the first | ; & < > (as in Dkron); this part is not run: {tail!r}"
+        ]
 
     async def set_job(self, data: Any, *, restore: bool = False) -> tuple[Job, bool]:
         """Validate and store a job; returns (job, created)."""

@@ -133,8 +133,11 @@ def test_J10_shell_flag_must_be_a_string(agent: AgentProcess) -> None:
     piped = shell_job("piped", "echo test | tr a-z A-Z", config={"shell": "true"})
     plain = shell_job("not-piped", "echo test | tr a-z A-Z")
     boolean = shell_job("bool-shell", "echo hi", config={"shell": True})
-    assert agent.post_job(piped).status_code == 201
-    assert agent.post_job(plain).status_code == 201
+    created = agent.post_job(piped)
+    assert created.status_code == 201 and "warnings" not in created.json()
+    cut = agent.post_job(plain)
+    assert cut.status_code == 201
+    assert "| tr a-z A-Z" in cut.json()["warnings"][0]
     response = agent.post_job(boolean)
     assert response.status_code == 400
     assert "executor_config.shell" in response.json()["error"]

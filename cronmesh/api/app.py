@@ -336,7 +336,11 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
         if name is None:
             location = f"{location}/{job.name}"
         location = quote(location, safe="/")
-        return _reply(request, agent.job_json(job), 201, headers={"Location": location})
+        body = agent.job_json(job)
+        warnings = agent.job_warnings(job)
+        if warnings:
+            body["warnings"] = warnings  # ours; Dkron clients ignore it
+        return _reply(request, body, 201, headers={"Location": location})
 
     @app.post("/v1/jobs")
     @app.patch("/v1/jobs")

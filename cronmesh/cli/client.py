@@ -165,6 +165,9 @@ def apply(
             out.print(
                 f"applied [bold]{job['name']}[/bold] next={job.get('next') or '-'}"
             )
+    for job in stored:
+        for warning in job.get("warnings", []):
+            sys.stderr.write(f"cronmesh: warning: {job['name']}: {warning}\n")
 
 
 @jobs_app.command("delete")

@@ -95,12 +95,14 @@ from cronmesh.errors import ValidationError
 __all__ = [
     "ShellConfig",
     "ShellExecutor",
+    "dropped_tail",
     "format_go_duration",
     "install_pidfd_child_watcher",
     "parse_go_duration",
     "parse_mem_limit",
     "parse_shell_config",
     "split_command",
+    "split_command_at",
 ]
 
 # After a SIGKILL, how long (seconds) we keep reading output that is still
@@ -275,6 +277,24 @@ def _parse_su(text: str) -> tuple[str, str | None] | None:
 def split_command(line: str) -> list[str]:
     """Split a command line into argv the way Dkron's go-shellwords does.
 
+    See `split_command_at`, which also returns what was dropped.
+    """
+    return split_command_at(line)[0]
+
+
+def dropped_tail(config: dict[str, str]) -> str:
+    """What a shell job will NOT run: the command's tail from the first
+    unquoted ``| ; & < >`` when ``shell`` is not true ("" if nothing)."""
+    try:
+        use_shell = parse_go_bool(config.get("shell", "") or "false", "shell")
+        return "" if use_shell else split_command_at(config.get("command", ""))[1]
+    except (ValueError, ValidationError):
+        return ""
+
+
+def split_command_at(line: str) -> tuple[list[str], str]:
+    """Split a command line into argv the way Dkron's go-shellwords does.
+
     Words split on space, tab, CR and LF. Single quotes are literal; double
     quotes group but still honour backslash; a backslash escapes the next
     character, except that ``\\t`` and ``\\n`` become a tab and a newline.
@@ -291,7 +311,8 @@ def split_command(line: str) -> list[str]:
     buf: list[str] = []
     have_word = False  # an empty '' or "" still makes a word
     escaped = single = double = backtick = dollar = False
-    for ch in line:
+    tail = ""
+    for position, ch in enumerate(line):
         if escaped:
             buf.append({"t": "\t", "n": "\n"}.get(ch, ch))
             escaped = False
@@ -335,6 +356,7 @@ def split_command(line: str) -> list[str]:
         elif ch in ";&|<>" and not quoted:
             if ch == ">" and buf and buf[0].isascii() and buf[0].isdigit():
                 have_word = False  # "2>": the fd number is not an argument
+            tail = line[position:]
             break
         have_word = True
         buf.append(ch)
@@ -342,7 +364,7 @@ def split_command(line: str) -> list[str]:
         words.append("".join(buf))
     if escaped or single or double or backtick or dollar:
         raise ValueError("invalid command line: unterminated quote or escape")
-    return words
+    return words, tail.strip()
 
 
 def parse_go_duration(text: str) -> int:
