@@ -26,7 +26,7 @@ from typing import Any
 
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
-from cronmesh.errors import RemoteError, StorageError, TransportError
+from cronmesh.errors import StorageError
 from cronmesh.raft.errors import NotLeader, ProposalDropped, RaftError
 from cronmesh.raft.messages import Message
 from cronmesh.raft.node import RaftConfig, RaftNode
@@ -163,19 +163,31 @@ class RaftDriver:
         return await future
 
     async def _forward(self, payload: bytes) -> ApplyResult:
-        leader = self.leader
-        if not leader or self.forward is None:
-            raise NotLeaderError(leader or "")
-        try:
-            reply = await self.forward(leader, payload)
-        except (TransportError, RemoteError) as exc:
-            raise NotLeaderError(leader) from exc
-        except Exception as exc:  # grpc errors of the forwarding call
-            raise NotLeaderError(leader) from exc
-        if reply.leader and not reply.code:
-            raise NotLeaderError(reply.leader)
-        value = json.loads(reply.value) if reply.value else None
-        return ApplyResult(code=reply.code, error=reply.error, value=value)
+        """Send `payload` to the leader; if that fails and another leader has
+        been elected meanwhile, try that one (at most three leaders).
+
+        A retry can apply a command twice when the first leader committed it
+        after all; the commands are safe to repeat (an upsert, or refused as
+        a duplicate by the state machine: fire instants, execution reports).
+        """
+        tried: list[str] = []
+        while True:
+            leader = self.leader
+            if not leader or self.forward is None or leader in tried:
+                raise NotLeaderError(leader or (tried[-1] if tried else ""))
+            tried.append(leader)
+            try:
+                reply = await self.forward(leader, payload)
+            except Exception as exc:  # transport or gRPC error of the call
+                if len(tried) >= 3 or self.leader in (None, leader):
+                    raise NotLeaderError(self.leader or leader) from exc
+                continue
+            if reply.leader and not reply.code:
+                if len(tried) >= 3 or reply.leader in tried:
+                    raise NotLeaderError(reply.leader)
+                continue
+            value = json.loads(reply.value) if reply.value else None
+            return ApplyResult(code=reply.code, error=reply.error, value=value)
 
     async def change_membership(self, change: ConfChange) -> ApplyResult:
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
