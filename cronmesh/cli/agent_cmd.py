@@ -27,12 +27,17 @@ def _parse_tags(values: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValidationError(f"--tag: {item!r} is not key=value", "tag")
-        if key in RESERVED_TAGS:
-            raise ValidationError(
-                f"--tag: {key!r} is reserved (set by the agent itself)", "tag"
-            )
+        check_not_reserved(key, "--tag")
         tags[key] = value
     return tags
+
+
+def check_not_reserved(key: str, where: str) -> None:
+    """Refuse a tag the agent sets itself (`server`, `rpc_addr`, ...)."""
+    if key in RESERVED_TAGS:
+        raise ValidationError(
+            f"{where}: {key!r} is reserved (set by the agent itself)", "tag"
+        )
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -286,10 +291,7 @@ def reload_settings(config: AgentConfig) -> tuple[dict[str, str], str]:
         fresh = _config_from_file(Path(config.config_file))
         tags, level = dict(fresh.tags), fresh.log_level
     for key in tags:
-        if key in RESERVED_TAGS:
-            raise ValidationError(
-                f"tags: {key!r} is reserved (set by the agent itself)"
-            )
+        check_not_reserved(key, "tags")
     tags.update(config.cli_tags)
     if level not in LEVELS:
         raise ValidationError(f"log_level: {level!r} is not one of {LEVELS}")
