@@ -15,25 +15,29 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import uvicorn
 
 from cronmesh import __version__
 from cronmesh.cluster import Cluster
-from cronmesh.core.commitlog import CommandLog, LocalLog
+from cronmesh.core.commitlog import CommandLog, NotLeaderError
 from cronmesh.core.dispatcher import Dispatcher
 from cronmesh.core.executors import get_executor
 from cronmesh.core.executors.shell import dropped_tail, install_pidfd_child_watcher
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
+from cronmesh.core.liveness import HEARTBEAT_INTERVAL, LivenessWatch
 from cronmesh.core.model import Execution, Job, format_time
 from cronmesh.core.runner import Runner
 from cronmesh.core.schedule import load_zone, parse_schedule
 from cronmesh.core.scheduler import DEFAULT_CATCH_UP, Scheduler
+from cronmesh.core.targets import Candidate
 from cronmesh.errors import (
     ConflictError,
     CronmeshError,
@@ -44,7 +48,17 @@ from cronmesh.gossip.driver import GossipDriver
 from cronmesh.gossip.keyring import KEYRING_FILE, Keyring
 from cronmesh.metrics import Metrics
 from cronmesh.raft.driver import RaftSettings
+from cronmesh.rpc import agent_pb2, agent_pb2_grpc
+from cronmesh.rpc.agent_rpc import (
+    AgentClient,
+    AgentService,
+    Channels,
+    ExecutionsService,
+    RemoteLog,
+    ServerLink,
+)
 from cronmesh.storage.env import DataDir
+from cronmesh.storage.outbox import Outbox
 from cronmesh.storage.state import StateStore
 
 __all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
@@ -104,6 +118,8 @@ class AgentConfig:
     config_file: str = ""  # re-read on SIGHUP
     cli_tags: dict[str, str] = field(default_factory=dict)  # --tag, win on reload
     raft_tick: float = 0.05  # seconds; elections time out after 10-20 ticks
+    # Seconds without news of a running execution before it is failed.
+    execution_timeout: float = 30.0
 
 
 class Agent:
@@ -125,6 +141,21 @@ class Agent:
         self.bind = parse_addr(config.bind_addr, 8946, "bind-addr")
         self.advertise = advertise_address(config.advertise_addr, self.bind)
         self.gossip: GossipDriver | None = None
+        self.channels = Channels()
+        self.link = ServerLink(self.channels, self.server_rpc_addrs, self._leader_hint)
+        self.agents = AgentClient(self.channels)
+        self.outbox = Outbox(self.data)
+        self.liveness = LivenessWatch(timeout=config.execution_timeout)
+        self._reaping: set[str] = set()
+        # Taken before this node can accept runs, so none of these is live.
+        self._orphans = [
+            e
+            for e in self.store.running()
+            if e.node_name == self.node_name and e.id not in self.outbox
+        ]
+        self._sweeper: asyncio.Task[None] | None = None
+        self._rpc_server: grpc.aio.Server | None = None
+        self.app: Any = None
         if config.server:
             rpc_host = self.bind[0]
             self.cluster = Cluster(
@@ -140,12 +171,26 @@ class Agent:
             self.cluster.driver.on_role.append(self._leadership_changed)
             self.log = self.cluster.driver
         else:
-            # Limitation: until agents join a cluster (distributed execution),
-            # an agent without --server keeps its own unreplicated log.
-            self.log = LocalLog(self.fsm)
-        self.runner = Runner(self.node_name, self.log, max_output=config.max_output)
-        self.dispatcher = Dispatcher(self.node_name, self.store, self.log, self.runner)
+            # An agent without --server runs jobs and gossip only; its writes
+            # (results, API requests) go to the servers.
+            self.log = RemoteLog(self.link)
+        self.runner = Runner(
+            self.node_name,
+            self.log,
+            max_output=config.max_output,
+            outbox=self.outbox,
+        )
+        self.dispatcher = Dispatcher(
+            self.node_name,
+            self.store,
+            self.log,
+            self.runner,
+            region=config.region,
+        )
+        self.dispatcher.active = False
         self.dispatcher.node_tags = lambda: self.tags
+        self.dispatcher.members = self._candidates
+        self.dispatcher.send_run = self._send_run
         self.scheduler = Scheduler(
             self.store, self.dispatcher, catch_up=config.catch_up_window
         )
@@ -265,36 +310,56 @@ class Agent:
             f"to the first | ; & < > (as in Dkron); this part is not run: {tail!r}"
         ]
 
+    async def propose(self, payload: bytes) -> ApplyResult:
+        """An API write: through the leader, and visible here when it returns.
+
+        A follower server forwards the write; before answering it waits
+        (read-index) until its own state has the write, so a client that
+        reads from the same server next sees what it wrote.
+        """
+        forwarded = self.cluster is not None and not self.is_leader()
+        result = await self.log.propose(payload)
+        if forwarded and result.ok:
+            with contextlib.suppress(CronmeshError):
+                await self.consistent_read()
+        return result
+
     async def set_job(self, data: Any, *, restore: bool = False) -> tuple[Job, bool]:
         """Validate and store a job; returns (job, created)."""
         job = self.validate_job(data, keep_runtime=restore)
         payload = {k: v for k, v in job.to_json().items()}
-        result = await self.log.propose(
+        result = await self.propose(
             encode_command("set_job", job=payload, restore=restore)
         )
         _raise_for(result)
         return _as_job(result.value), result.code == 201
 
     async def delete_job(self, name: str) -> Job:
-        result = await self.log.propose(encode_command("delete_job", name=name))
+        result = await self.propose(encode_command("delete_job", name=name))
         _raise_for(result)
         return _as_job(result.value)
 
     async def toggle_job(self, name: str) -> Job:
         job = self.get_job(name)
-        result = await self.log.propose(
+        result = await self.propose(
             encode_command("set_disabled", name=name, disabled=not job.disabled)
         )
         _raise_for(result)
         return _as_job(result.value)
 
-    async def run_job(self, name: str) -> Execution | None:
-        """Start a manual run; returns as soon as the run is recorded."""
-        outcome = await self.dispatcher.fire(name, trigger="manual")
+    async def run_job(self, name: str, *, force: bool = False) -> Execution | None:
+        """Start a manual run; returns as soon as the run is recorded.
+
+        Only the leader dispatches: a follower server asks the leader's API
+        through gRPC (the same path a non-server agent uses).
+        """
+        if not self.is_leader():
+            raise NotLeaderError(self._leader_hint() or "")
+        outcome = await self.dispatcher.fire(name, trigger="manual", force=force)
         return outcome.execution
 
     async def delete_executions(self, name: str) -> Job:
-        result = await self.log.propose(encode_command("delete_executions", name=name))
+        result = await self.propose(encode_command("delete_executions", name=name))
         _raise_for(result)
         return _as_job(result.value)
 
@@ -364,6 +429,284 @@ class Agent:
             if m.status == "left" and m.tags.get("server") == "true"
         }
 
+    # -- distributed execution
+    def _leader_hint(self) -> str | None:
+        if self.cluster is None:
+            return None
+        return self.node_name if self.is_leader() else self.cluster.driver.leader
+
+    def server_rpc_addrs(self) -> dict[str, str]:
+        """Every server alive in the mesh (this one included) -> RPC address."""
+        found = dict(self.config.peers)
+        if self.cluster is not None:
+            found[self.node_name] = self.tags["rpc_addr"]
+        if self.gossip is not None:
+            for member in self.gossip.members():
+                if member.status not in ("alive", "suspect"):
+                    continue
+                if member.tags.get("server") == "true" and member.tags.get("rpc_addr"):
+                    found[member.name] = member.tags["rpc_addr"]
+        return found
+
+    def _candidates(self) -> list[Candidate]:
+        """The members a job may run on, as the dispatcher wants them."""
+        found: dict[str, Candidate] = {}
+        if self.gossip is not None:
+            for member in self.gossip.members():
+                status = "alive" if member.status == "suspect" else member.status
+                found[member.name] = Candidate(member.name, dict(member.tags), status)
+        found[self.node_name] = Candidate(self.node_name, self.tags, "alive")
+        return list(found.values())
+
+    def rpc_address(self, node: str) -> str:
+        """The RPC address of `node` from the mesh.
+
+        Raises:
+            CronmeshError: the mesh does not know the node.
+        """
+        if node == self.node_name:
+            return self.tags["rpc_addr"]
+        if self.gossip is not None:
+            for member in self.gossip.members():
+                if member.name == node and member.tags.get("rpc_addr"):
+                    return member.tags["rpc_addr"]
+        raise CronmeshError(f"no RPC address known for node {node!r}")
+
+    async def _send_run(self, node: str, job: Job, execution: Execution) -> None:
+        address = self.rpc_address(node)
+        await self.agents.run(
+            address,
+            json.dumps(job.to_json()).encode(),
+            json.dumps(execution.to_json()).encode(),
+        )
+
+    async def _accept_run(
+        self, job_doc: dict[str, Any], exec_doc: dict[str, Any]
+    ) -> None:
+        """gRPC AgentRun: the leader hands this node an execution."""
+        job = Job.from_stored(job_doc)
+        execution = Execution.from_json(exec_doc)
+        if execution.node_name != self.node_name:
+            raise CronmeshError(
+                f"execution {execution.id} is for {execution.node_name!r}, "
+                f"this node is {self.node_name!r}"
+            )
+        started = await self.runner.accept(job, execution)
+        if started:
+            log.debug("execution accepted job=%s execution=%s", job.name, execution.id)
+
+    async def live_output(self, execution: Execution) -> str | None:
+        """The output so far of a running execution, from whichever node runs it."""
+        if execution.node_name == self.node_name:
+            return self.runner.output_of(execution.id)
+        try:
+            address = self.rpc_address(execution.node_name)
+            async with asyncio.timeout(2.0):
+                async for chunk in self.agents.output(
+                    address, execution.id, follow=False
+                ):
+                    if chunk.found:
+                        return chunk.data.decode(errors="replace")
+        except (CronmeshError, TimeoutError) as exc:
+            log.debug("no live output execution=%s error=%s", execution.id, exc)
+        return None
+
+    async def ask_leader(self, request: agent_pb2.HttpRequest) -> agent_pb2.HttpReply:
+        """Run an API request on the leader's API (a follower's manual run).
+
+        Raises:
+            NotLeaderError: no leader known, or it cannot be reached.
+        """
+        leader = self._leader_hint()
+        address = self.server_rpc_addrs().get(leader or "")
+        if not leader or leader == self.node_name or not address:
+            raise NotLeaderError(leader or "")
+        # Marked, so a server that lost the lead meanwhile answers 503
+        # instead of passing it on again.
+        request.headers.append(agent_pb2.Header(name="x-cronmesh-to-leader", value="1"))
+        return await self.link.http_at(address, request)
+
+    async def find_execution(self, job: str, exec_id: str) -> Execution:
+        """An execution from the state (asked of a server on a non-server).
+
+        Raises:
+            NotFoundError: no such job or execution.
+        """
+        if self.cluster is not None:
+            self.get_job(job)
+            found = self.store.get_execution(job, exec_id)
+        else:
+            reply = await self.link.http(
+                agent_pb2.HttpRequest(
+                    method="GET", path=f"/v1/jobs/{job}/executions/{exec_id}"
+                )
+            )
+            if reply.status == 404:
+                raise NotFoundError(json.loads(reply.body).get("error", "not found"))
+            if reply.status != 200:
+                raise CronmeshError(f"server answered {reply.status}")
+            found = Execution.from_json(json.loads(reply.body))
+        if found is None:
+            raise NotFoundError(f"execution {exec_id!r} of job {job!r} not found")
+        return found
+
+    async def follow_output(self, execution: Execution) -> Any:
+        """Chunks of an execution's output as it is written, until it ends."""
+        if not execution.running:
+            yield execution.output.encode()
+            return
+        try:
+            address = self.rpc_address(execution.node_name)
+            async for chunk in self.agents.output(address, execution.id, follow=True):
+                if chunk.data:
+                    yield chunk.data
+                if not chunk.found:
+                    break
+        except CronmeshError as exc:
+            yield f"\n[cronmesh] output stream ended: {exc}\n".encode()
+
+    async def kill_execution(self, job: str, exec_id: str) -> str:
+        """Stop a running execution on whatever node runs it; returns the node.
+
+        Raises:
+            NotFoundError: no such execution, or it is not running.
+        """
+        execution = await self.find_execution(job, exec_id)
+        if not execution.running:
+            raise NotFoundError(f"execution {exec_id!r} of job {job!r} is not running")
+        node = execution.node_name
+        if node == self.node_name:
+            found = self.runner.kill(exec_id)
+        else:
+            found = await self.agents.kill(self.rpc_address(node), exec_id)
+        if not found:
+            raise NotFoundError(
+                f"execution {exec_id!r} of job {job!r} is not running on {node}"
+            )
+        return node
+
+    def _on_heartbeat(self, node: str, running: list[str]) -> agent_pb2.HeartbeatReply:
+        """Leader: an agent says what it runs ("job/execution id" each)."""
+        if self.cluster is None or not self.is_leader():
+            return agent_pb2.HeartbeatReply(ok=False, leader=self._leader_hint() or "")
+        ids = [entry.partition("/")[2] for entry in running]
+        self.liveness.heard(ids, time.monotonic())
+        finished = []
+        for entry in running:
+            job, _, exec_id = entry.partition("/")
+            stored = self.store.get_execution(job, exec_id)
+            if stored is not None and not stored.running:
+                finished.append(entry)
+        return agent_pb2.HeartbeatReply(ok=True, unknown=finished)
+
+    def _running_entries(self) -> list[str]:
+        return [
+            f"{live.job.name}/{exec_id}"
+            for exec_id, live in list(self.runner.live.items())
+            if not live.finished
+        ]
+
+    async def _heartbeats(self) -> None:
+        """Every node: tell the leader what runs here; stop what it ended."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            running = self._running_entries()
+            if not running:
+                continue
+            try:
+                if self.cluster is not None and self.is_leader():
+                    reply = self._on_heartbeat(self.node_name, running)
+                    finished = list(reply.unknown)
+                else:
+                    finished = await self.link.heartbeat(self.node_name, running)
+            except CronmeshError as exc:
+                log.debug("heartbeat not delivered error=%s", exc)
+                continue
+            for entry in finished:
+                exec_id = entry.partition("/")[2]
+                if self.runner.kill(exec_id):
+                    log.warning(
+                        "stopped an execution the cluster already ended execution=%s",
+                        exec_id,
+                    )
+
+    async def _sweep(self) -> None:
+        """Leader: fail running executions whose agent went quiet."""
+        self.liveness.lead(time.monotonic())
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.is_leader():
+                continue
+            status = {c.name: c.status for c in self._candidates()}
+            self.liveness.heard(self.runner.running_ids(), time.monotonic())
+            self.liveness.heard(list(self.runner.unreported), time.monotonic())
+            running = self.store.running()
+            for execution, reason in self.liveness.overdue(
+                running, status, time.monotonic()
+            ):
+                if execution.id in self._reaping:
+                    continue
+                self._reaping.add(execution.id)
+                log.warning(
+                    "execution lost job=%s execution=%s node=%s reason=%s",
+                    execution.job_name,
+                    execution.id,
+                    execution.node_name,
+                    reason,
+                )
+                execution.finished_at = datetime.now(UTC)
+                execution.success = False
+                execution.output = f"{execution.output}[cronmesh] failed: {reason}\n"
+                task = asyncio.create_task(self._report_lost(execution))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _report_lost(self, execution: Execution) -> None:
+        try:
+            await self.runner.report(execution)
+        finally:
+            self._reaping.discard(execution.id)
+
+    def _register_rpc(self, server: grpc.aio.Server) -> None:
+        agent_pb2_grpc.add_AgentServicer_to_server(
+            AgentService(self._accept_run, self.runner.kill, self.runner.read_output),
+            server,
+        )
+        if self.cluster is not None:
+            agent_pb2_grpc.add_ExecutionsServicer_to_server(
+                ExecutionsService(self._on_heartbeat, self._serve_forwarded), server
+            )
+
+    async def _serve_forwarded(
+        self, request: agent_pb2.HttpRequest
+    ) -> agent_pb2.HttpReply:
+        from cronmesh.api.proxy import call_app
+
+        if self.app is None:
+            return agent_pb2.HttpReply(
+                status=503, body=b'{"error": "the server is starting"}'
+            )
+        return await call_app(self.app, request)
+
+    async def _start_rpc(self) -> None:
+        """The gRPC port of an agent without --server (servers: Cluster)."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._register_rpc(server)
+        host, port = self.bind[0], self.config.rpc_port
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise CronmeshError(f"--rpc-port {port}: cannot listen on {host}") from exc
+        if bound == 0:
+            raise CronmeshError(f"--rpc-port {port}: cannot listen on {host}:{port}")
+        await server.start()
+        self._rpc_server = server
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _leadership_changed(self, leading: bool) -> None:
         task = asyncio.create_task(self._lead() if leading else self._follow())
         self._background.add(task)
@@ -371,6 +714,8 @@ class Agent:
 
     async def _lead(self) -> None:
         self.dispatcher.active = True
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="sweep")
         if not self.scheduler.running:
             try:
                 self.scheduler.start()
@@ -379,32 +724,27 @@ class Agent:
 
     async def _follow(self) -> None:
         self.dispatcher.active = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         await self.scheduler.stop()
 
     # -- life cycle
     async def recover_interrupted(self) -> int:
-        """Mark this node's executions that a crash left running as failed.
-
-        Retries until a leader takes the reports, so it may run for a while
-        after a restart; runs in the background.
-        """
-        count = 0
-        for execution in self.store.running():
-            if (
-                execution.node_name != self.node_name
-                or execution.id in self.runner.live
-            ):
-                continue
+        """Report what the outbox kept across a restart, and the executions
+        the state holds as running here that never reached the outbox (the
+        agent died between the commit and the hand-over). Runs in the
+        background: it retries until a leader takes the reports."""
+        count = await self.runner.recover(self.started_at)
+        for execution in self._orphans:
             execution.finished_at = datetime.now(UTC)
             execution.success = False
             execution.output = (
-                f"[cronmesh] interrupted: the agent stopped while this execution "
-                f"ran; it restarted at {format_time(self.started_at)}\n"
+                f"[cronmesh] interrupted: the agent stopped before this execution "
+                f"started; it restarted at {format_time(self.started_at)}\n"
             )
             await self.runner.report(execution)
             count += 1
-        if count:
-            log.info("marked interrupted executions failed count=%d", count)
         return count
 
     async def run(self) -> None:
@@ -421,16 +761,15 @@ class Agent:
         try:
             await self._start_gossip()
             if self.cluster is not None:
-                await self.cluster.start()
+                await self.cluster.start(extra_services=self._register_rpc)
             else:
-                self.scheduler.start()
+                await self._start_rpc()
         except BaseException:
             http_socket.close()
             raise
         server_task = await self._start_http(http_socket)
-        recovery = asyncio.create_task(self.recover_interrupted())
-        self._background.add(recovery)
-        recovery.add_done_callback(self._background.discard)
+        self._spawn(self.recover_interrupted())
+        self._spawn(self._heartbeats())
         log.info(
             "agent started node=%s http=%s:%d data_dir=%s pid=%d",
             self.node_name,
@@ -467,8 +806,9 @@ class Agent:
     async def _start_http(self, sock: socket.socket) -> asyncio.Task[None]:
         from cronmesh.api.app import create_app
 
+        self.app = create_app(self)
         config = uvicorn.Config(
-            create_app(self),
+            self.app,
             log_level="warning",
             lifespan="off",
             access_log=False,
@@ -636,8 +976,13 @@ class Agent:
         await self.runner.stop(self.config.shutdown_grace)
         for task in list(self._background):
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.cluster is not None:
             await self.cluster.stop()
+        if self._rpc_server is not None:
+            await self._rpc_server.stop(1)
+        await self.channels.close()
         if self.gossip is not None:
             await self.gossip.leave(timeout=3.0)
             await self.gossip.stop()

@@ -51,6 +51,8 @@ def value_json(value: Any) -> bytes:
         return b""
     if hasattr(value, "to_json"):
         value = value.to_json()
+    elif isinstance(value, list):
+        value = [v.to_json() if hasattr(v, "to_json") else v for v in value]
     return json.dumps(value).encode()
 
 

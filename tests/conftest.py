@@ -82,8 +82,10 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"agent exited: {self.log()}")
             try:
-                # A lone server can take writes once it has elected itself.
-                if self.http.get("/v1/leader").status_code == 200:
+                # A lone server can take writes once it has elected itself;
+                # an agent without --server serves once it has joined.
+                path = "/v1/leader" if self.server else "/health"
+                if self.http.get(path).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

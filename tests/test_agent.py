@@ -191,7 +191,7 @@ def test_job_for_other_tags_is_recorded_failed_not_skipped(agent: AgentProcess) 
     agent.post_job(shell_job("elsewhere", "true", tags={"role": "gpu"}))
     agent.http.post("/v1/jobs/elsewhere/run")
     run = agent.finished("elsewhere")[0]
-    assert run["success"] is False and "no alive node matches" in run["output"]
+    assert run["success"] is False and "no alive node in region" in run["output"]
 
 
 def test_J09_timeout_kills_the_process_group_and_frees_the_job(

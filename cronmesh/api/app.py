@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -163,6 +163,11 @@ def create_app(agent: Agent) -> FastAPI:
     """The HTTP application of `agent`."""
     app = FastAPI(title="cronmesh", version=__version__, docs_url=None, redoc_url=None)
     _errors(app)
+    if agent.cluster is None:
+        # An agent without --server holds no state: a server answers.
+        from cronmesh.api.proxy import forwarding_middleware
+
+        app.middleware("http")(forwarding_middleware(agent.link.http, _is_local))
     _meta_routes(app, agent)
     _job_routes(app, agent)
     _execution_routes(app, agent)
@@ -390,7 +395,21 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
     @app.post("/v1/jobs/{job}")
     @app.post("/v1/jobs/{job}/run")
     async def run_job(request: Request, job: str) -> Response:
-        execution = await agent.run_job(job)
+        if (
+            agent.cluster is not None
+            and not agent.is_leader()
+            and "x-cronmesh-to-leader" not in request.headers
+        ):
+            # Only the leader dispatches: let it answer.
+            from cronmesh.api.proxy import reply_response, request_message
+
+            reply = await agent.ask_leader(await request_message(request))
+            if reply.status < 300:
+                # Let the caller read the new execution from this server.
+                await agent.consistent_read()
+            return reply_response(reply)
+        force = request.query_params.get("force", "").lower() in ("1", "true", "yes")
+        execution = await agent.run_job(job, force=force)
         body = agent.job_json(agent.get_job(job))
         headers = {"Location": quote(request.url.path, safe="/")}
         if execution is not None:
@@ -436,17 +455,41 @@ def _execution_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/v1/jobs/{job}/executions/{execution}")
     async def execution(request: Request, job: str, execution: str) -> Response:
-        agent.get_job(job)
-        found = agent.store.get_execution(job, execution)
-        if found is None:
-            raise NotFoundError(f"execution {execution!r} of job {job!r} not found")
-        return _reply(request, agent.execution_json(found))
+        found = await agent.find_execution(job, execution)
+        body = agent.execution_json(found)
+        if found.running:
+            live = await agent.live_output(found)
+            if live is not None:
+                body["output"] = live
+        return _reply(request, body)
+
+    @app.get("/v1/jobs/{job}/executions/{execution}/output")
+    async def output(request: Request, job: str, execution: str) -> Response:
+        """Ours: the output as plain text; `?follow=true` streams it live
+        until the execution ends."""
+        found = await agent.find_execution(job, execution)
+        follow = request.query_params.get("follow", "").lower() in ("1", "true")
+        if not follow or not found.running:
+            text = found.output
+            if found.running:
+                text = await agent.live_output(found) or ""
+            return Response(content=text, media_type="text/plain; charset=utf-8")
+        return StreamingResponse(
+            agent.follow_output(found), media_type="text/plain; charset=utf-8"
+        )
 
     @app.post("/v1/jobs/{job}/executions/{execution}/kill")
     async def kill(request: Request, job: str, execution: str) -> Response:
-        agent.get_job(job)
-        if not agent.runner.kill(execution):
-            raise NotFoundError(
-                f"execution {execution!r} of job {job!r} is not running here"
-            )
-        return _reply(request, {"killed": execution}, 202)
+        node = await agent.kill_execution(job, execution)
+        return _reply(request, {"killed": execution, "node": node}, 202)
+
+
+def _is_local(path: str) -> bool:
+    """Routes a non-server agent answers itself."""
+    from cronmesh.api.proxy import LOCAL_PATHS
+
+    return (
+        path in LOCAL_PATHS
+        or path == "/v1/isleader"
+        or (path.startswith("/v1/jobs/") and path.endswith("/output"))
+    )

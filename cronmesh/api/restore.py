@@ -75,7 +75,7 @@ async def restore_jobs(
                 for j in valid
             ],
         }
-    result = await agent.log.propose(encode_command("restore", jobs=valid))
+    result = await agent.propose(encode_command("restore", jobs=valid))
     if result.code == 404:
         raise NotFoundError(result.error)
     if not result.ok:

@@ -204,6 +204,15 @@ def agent(
             help="Seconds a missed fire may still run late (default: 60).",
         ),
     ] = None,
+    execution_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--execution-timeout",
+            min=1,
+            help="Seconds without news of a running execution from its agent "
+            "before the leader marks it failed (default: 30).",
+        ),
+    ] = None,
 ) -> None:
     """Start a cronmesh agent (a node)."""
     try:
@@ -226,6 +235,8 @@ def agent(
             config.shutdown_grace = shutdown_grace
         if catch_up_window is not None:
             config.catch_up_window = catch_up_window
+        if execution_timeout is not None:
+            config.execution_timeout = execution_timeout
         config.server = server or config.server
         config.join = list(join or config.join)
         config.retry_join = list(retry_join or config.retry_join)

@@ -59,6 +59,10 @@ class Client:
             fail(f"--address: {self.address!r} is not a valid URL: {exc}", 2)
         except httpx.HTTPError as exc:
             fail(f"cannot reach cronmesh at {self.address}: {exc}")
+        return self.check(response)
+
+    def check(self, response: httpx.Response) -> httpx.Response:
+        """Exit with the server's message when it said no."""
         if response.status_code >= 400:
             fail(
                 f"{_message(response)} (HTTP {response.status_code})",

@@ -12,7 +12,15 @@ import sys
 import typer
 
 from cronmesh import __version__
-from cronmesh.cli import agent_cmd, client, cluster_cmds, keyring_cmd, raft, schedule
+from cronmesh.cli import (
+    agent_cmd,
+    client,
+    cluster_cmds,
+    executions_cmd,
+    keyring_cmd,
+    raft,
+    schedule,
+)
 
 __all__ = ["app", "main"]
 
@@ -26,7 +34,7 @@ app = typer.Typer(
 )
 app.command("agent")(agent_cmd.agent)
 app.add_typer(client.jobs_app, name="jobs")
-app.command("executions")(client.executions)
+app.add_typer(executions_cmd.app, name="executions")
 app.add_typer(schedule.app, name="schedule")
 app.add_typer(raft.app, name="raft")
 app.command("members")(cluster_cmds.members)

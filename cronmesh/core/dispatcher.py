@@ -1,14 +1,19 @@
-"""The dispatcher decides that a job runs now, records it, and starts it.
+"""The dispatcher decides that a job runs now, where, records it, starts it.
 
 Every run goes through `fire`: a scheduled fire, a manual run, a retry or a
-dependent job. It checks that the job may run, commits `execution_started`
-(with the fire instant, and whether the job forbids overlap), and only then
-hands the execution to the runner. Both guards live in the state machine,
-so they hold however many callers race: a fire instant is accepted once,
-and a `forbid` job with a running execution gets a 409.
+dependent job. On the leader it checks that the job may run, picks the
+target nodes from the live members and the job's tags (core/targets.py),
+commits `execution_started` with one execution per target (with the fire
+instant, and whether the job forbids overlap), and only then hands each
+execution to its agent: this node's runner directly, other nodes over gRPC
+(`send_run`). The guards live in the state machine, so they hold however
+many callers race and across leader changes: a fire instant is accepted
+once, a dependent run once per parent group, and a `forbid` job with a
+running execution gets a 409.
 
-After an execution ends (an `execution_done` event) the dispatcher starts
-the next attempt of a failed run, or the dependent jobs of a successful one.
+After an execution ends (an `execution_done` event, seen on every server;
+only the leader acts) the dispatcher starts the next attempt of a failed
+execution, or the dependent jobs once the parent's group has succeeded.
 """
 
 from __future__ import annotations
@@ -16,15 +21,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cronmesh.core.commitlog import CommandLog
 from cronmesh.core.fsm import ApplyResult, Event, encode_command
-from cronmesh.core.model import CONCURRENCY_FORBID, Execution, format_time, to_ns
+from cronmesh.core.model import (
+    CONCURRENCY_FORBID,
+    Execution,
+    Job,
+    backoff_seconds,
+    format_time,
+    to_ns,
+)
 from cronmesh.core.runner import Runner
-from cronmesh.errors import ConflictError, NotFoundError
+from cronmesh.core.targets import Candidate, select_targets
+from cronmesh.errors import ConflictError, CronmeshError, NotFoundError
 from cronmesh.storage.state import StateStore
 
 __all__ = ["Dispatcher", "FireOutcome"]
@@ -32,15 +46,23 @@ __all__ = ["Dispatcher", "FireOutcome"]
 log = logging.getLogger("cronmesh.dispatcher")
 
 RETRY_INTERVAL = 0.5
+DEFAULT_BACKOFF_MAX = "1m"
+# A target that does not take its execution is asked again this often
+# before the execution is recorded as failed.
+DISPATCH_ATTEMPTS = 3
+DISPATCH_PAUSE = 0.5
+
+SendRun = Callable[[str, Job, Execution], Awaitable[None]]
 
 
 @dataclass
 class FireOutcome:
-    """What `fire` did: started an execution, or why not."""
+    """What `fire` did: started executions, or why not."""
 
     execution: Execution | None = None
     skipped: str = ""
     result: ApplyResult | None = None
+    executions: tuple[Execution, ...] = ()
 
 
 def retry_backoff(attempt: int, elapsed: float) -> float:
@@ -53,8 +75,21 @@ def retry_backoff(attempt: int, elapsed: float) -> float:
     return max(0.0, math.floor(steps) * RETRY_INTERVAL)
 
 
+def job_retry_delay(job: Job, attempt: int, elapsed: float) -> float:
+    """The wait before retrying `job` after attempt `attempt` failed.
+
+    With `retry_backoff` set: `initial` doubled per attempt, at most `max`
+    (default 1m); otherwise Dkron's formula.
+    """
+    if not job.retry_backoff:
+        return retry_backoff(attempt, elapsed)
+    initial = backoff_seconds(job.retry_backoff.get("initial", "1s"), "initial")
+    ceiling = backoff_seconds(job.retry_backoff.get("max", DEFAULT_BACKOFF_MAX), "max")
+    return float(min(ceiling, initial * 2 ** max(attempt - 1, 0)))
+
+
 class Dispatcher:
-    """Starts runs of jobs; reacts to finished executions."""
+    """Starts runs of jobs on their target nodes; reacts to finished ones."""
 
     def __init__(
         self,
@@ -64,16 +99,27 @@ class Dispatcher:
         runner: Runner,
         *,
         clock: Callable[[], datetime] | None = None,
+        region: str = "global",
+        rng: random.Random | None = None,
     ) -> None:
         self.node_name = node_name
         self.store = store
         self.log = commit_log
         self.runner = runner
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.region = region
+        self.rng = rng or random.Random()
         self._tasks: set[asyncio.Task[object]] = set()
         self._last_start_ns = 0
         self.active = True
         self.node_tags: Callable[[], dict[str, str]] = dict
+        # The live members to pick targets from; by default this node only.
+        self.members: Callable[[], list[Candidate]] = lambda: [
+            Candidate(self.node_name, {"region": self.region, **self.node_tags()})
+        ]
+        # Hands an execution to another node; None: everything runs here.
+        self.send_run: SendRun | None = None
+        self.on_started: list[Callable[[Execution], None]] = []
 
     def _started_at(self) -> datetime:
         # Execution ids carry the start in ns; two runs of one node in the
@@ -88,6 +134,15 @@ class Dispatcher:
         self._last_start_ns = ns
         return now
 
+    def _targets(self, job: Job, node: str | None) -> tuple[list[str], str]:
+        members = self.members()
+        if node is not None and not job.retry_any_node:
+            # A retry runs where the failed attempt ran, if that node lives.
+            alive = {m.name for m in members if m.status == "alive"}
+            if node in alive:
+                return [node], ""
+        return select_targets(job.tags, self.region, members, self.rng)
+
     async def fire(
         self,
         job_name: str,
@@ -96,8 +151,15 @@ class Dispatcher:
         trigger: str = "schedule",
         attempt: int = 1,
         group: int | None = None,
+        node: str | None = None,
+        parent: tuple[str, int] | None = None,
+        force: bool = False,
     ) -> FireOutcome:
-        """Record and start one run of `job_name`.
+        """Record and start one run of `job_name` on its target nodes.
+
+        `node`: for a retry, where the failed attempt ran. `parent`: (job,
+        group) of the parent run a dependent run follows. `force`: a manual
+        run ignores `forbid`.
 
         Raises:
             NotFoundError: the job does not exist.
@@ -113,40 +175,40 @@ class Dispatcher:
             if reason:
                 log.debug("skipping fire job=%s reason=%s", job_name, reason)
                 return FireOutcome(skipped=reason)
-        # node_tags() builds the agent's tags: only ask when the job has some.
-        mismatch = tags_mismatch(job.tags, self.node_tags()) if job.tags else ""
+        targets, why_none = self._targets(job, node)
         started = self._started_at()
-        execution = Execution(
-            job_name=job.name,
-            started_at=started,
-            node_name=self.node_name,
-            group=group if group is not None else to_ns(started),
-            attempt=attempt,
-            scheduled_at=fire_at,
-            trigger=trigger,
-        )
+        group_id = group if group is not None else to_ns(started)
+        executions = [
+            Execution(
+                job_name=job.name,
+                started_at=started,
+                node_name=target,
+                group=group_id,
+                attempt=attempt,
+                scheduled_at=fire_at,
+                trigger=trigger,
+            )
+            for target in (targets or [self.node_name])
+        ]
         payload = encode_command(
             "execution_started",
-            execution=execution.to_json(),
+            executions=[e.to_json() for e in executions],
             fire=format_time(fire_at) if trigger == "schedule" else None,
-            forbid=job.concurrency == CONCURRENCY_FORBID,
+            forbid=job.concurrency == CONCURRENCY_FORBID and not force,
+            parent={"job": parent[0], "group": parent[1]} if parent else None,
         )
         result = await self.log.propose(payload)
-        if result.ok and mismatch:
-            # Dkron skips such a run silently; we record it as failed.
-            log.info("no node matches job=%s reason=%s", job.name, mismatch)
-            execution.finished_at = self.clock()
-            execution.output = (
-                f"[cronmesh] not run: no alive node matches: {mismatch}\n"
-            )
-            await self.runner.report(execution)
-            return FireOutcome(execution=execution, result=result)
         if not result.ok:
             if result.code == 409 and trigger == "manual":
                 running = result.value
-                raise ConflictError(
-                    result.error, running.id if isinstance(running, Execution) else ""
+                running_id = (
+                    running.id
+                    if isinstance(running, Execution)
+                    else running.get("id", "")
+                    if isinstance(running, dict)
+                    else ""
                 )
+                raise ConflictError(result.error, running_id)
             log.info(
                 "run not started job=%s trigger=%s reason=%s",
                 job_name,
@@ -154,8 +216,62 @@ class Dispatcher:
                 result.error,
             )
             return FireOutcome(skipped=result.error, result=result)
-        self.runner.start(job, execution)
-        return FireOutcome(execution=execution, result=result)
+        for execution in executions:
+            for callback in self.on_started:
+                callback(execution)
+        if not targets:
+            # Dkron skips such a run silently; we record it as failed.
+            log.info("no node matches job=%s reason=%s", job.name, why_none)
+            failed = executions[0]
+            failed.finished_at = self.clock()
+            failed.output = f"[cronmesh] not run: {why_none}\n"
+            await self.runner.finish(failed)
+            return FireOutcome(
+                execution=failed, result=result, executions=tuple(executions)
+            )
+        for execution in executions:
+            self._spawn(self._dispatch(job, execution))
+        return FireOutcome(
+            execution=executions[0], result=result, executions=tuple(executions)
+        )
+
+    async def _dispatch(self, job: Job, execution: Execution) -> None:
+        """Hand a committed execution to its node; record it failed if the
+        node cannot be reached."""
+        if execution.node_name == self.node_name or self.send_run is None:
+            try:
+                await self.runner.accept(job, execution)
+                return
+            except CronmeshError as exc:
+                error = str(exc)
+        else:
+            error = ""
+            for attempt in range(DISPATCH_ATTEMPTS):
+                try:
+                    await self.send_run(execution.node_name, job, execution)
+                    return
+                except CronmeshError as exc:
+                    error = str(exc)
+                    log.debug(
+                        "dispatch failed job=%s node=%s attempt=%d error=%s",
+                        job.name,
+                        execution.node_name,
+                        attempt + 1,
+                        exc,
+                    )
+                if attempt + 1 < DISPATCH_ATTEMPTS:
+                    await asyncio.sleep(DISPATCH_PAUSE)
+        log.warning(
+            "could not start execution job=%s node=%s error=%s",
+            job.name,
+            execution.node_name,
+            error,
+        )
+        # Limitation: if the agent took the run but its answer was lost, its
+        # own (later) report is refused as a duplicate of this failure.
+        execution.finished_at = self.clock()
+        execution.output = f"[cronmesh] not run: {error}\n"
+        await self.runner.report(execution)
 
     def on_event(self, event: Event) -> None:
         """FSM listener: retries and dependent jobs after an execution ends."""
@@ -163,46 +279,73 @@ class Dispatcher:
             return
         execution = event.execution
         assert execution is not None
-        if execution.node_name != self.node_name:
-            return
         job = self.store.get_job(event.job)
         if job is None:
             return
         if not execution.success and execution.attempt < job.retries + 1:
             elapsed = (self.clock() - execution.started_at).total_seconds()
-            delay = retry_backoff(execution.attempt, elapsed)
+            delay = job_retry_delay(job, execution.attempt, elapsed)
             log.info(
-                "retrying job=%s attempt=%d in=%.1fs",
+                "retrying job=%s node=%s attempt=%d in=%.1fs",
                 job.name,
+                execution.node_name,
                 execution.attempt + 1,
                 delay,
             )
             self._later(
                 delay,
-                self.fire(
+                lambda: self.fire(
                     job.name,
                     trigger="retry",
                     attempt=execution.attempt + 1,
                     group=execution.group,
+                    node=execution.node_name,
                 ),
             )
-        elif execution.success:
+        elif execution.success and job.dependent_jobs:
+            if not self._group_succeeded(job.name, execution.group):
+                return
             for child in job.dependent_jobs:
                 log.info("running dependent job=%s parent=%s", child, job.name)
-                self._later(0, self.fire(child, trigger="dependent"))
+                self._later(
+                    0,
+                    lambda child=child: self.fire(
+                        child, trigger="dependent", parent=(job.name, execution.group)
+                    ),
+                )
 
-    def _later(self, delay: float, coro: object) -> None:
+    def _group_succeeded(self, job_name: str, group: int) -> bool:
+        """Every node of the group has finished, its last attempt a success."""
+        last: dict[str, Execution] = {}
+        for run in self.store.executions(job_name, with_output=False):
+            if run.group != group:
+                continue
+            if run.running:
+                return False
+            seen = last.get(run.node_name)
+            if seen is None or run.attempt > seen.attempt:
+                last[run.node_name] = run
+        return bool(last) and all(run.success for run in last.values())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _later(self, delay: float, start: Callable[[], Awaitable[object]]) -> None:
         async def run() -> None:
             if delay:
                 await asyncio.sleep(delay)
+            if not self.active:
+                return
             try:
-                await coro  # type: ignore[misc]
+                await start()
             except (NotFoundError, ConflictError) as exc:
                 log.info("follow-up run not started error=%s", exc)
+            except CronmeshError as exc:
+                log.warning("follow-up run failed to start error=%s", exc)
 
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(run())
 
     async def stop(self) -> None:
         self.active = False

@@ -317,19 +317,30 @@ class StateMachine:
     def _execution_started(
         self, view: StateView, cmd: dict[str, Any], events: list[Event]
     ) -> ApplyResult:
-        execution = Execution.from_json(cmd["execution"])
-        if not view.has_job(execution.job_name):
-            return _fail(404, f"job {execution.job_name!r} not found")
+        """A run starts: one execution per target node, all in one group.
+
+        `execution` (one) or `executions` (several, same job); `fire`: the
+        scheduled instant, accepted once per job; `forbid`: refuse while an
+        execution of the job runs; `parent`: {"job", "group"} of the parent
+        run that triggers this dependent run, accepted once per parent group.
+        """
+        docs = cmd.get("executions") or [cmd["execution"]]
+        executions = [Execution.from_json(doc) for doc in docs]
+        job_name = executions[0].job_name
+        if any(e.job_name != job_name for e in executions):
+            return _fail(400, "executions of one run must share their job")
+        if not view.has_job(job_name):
+            return _fail(404, f"job {job_name!r} not found")
         if cmd.get("forbid"):
-            running = view.running_executions(execution.job_name)
+            running = view.running_executions(job_name)
             if running:
                 return ApplyResult(
                     code=409,
-                    error=f"job {execution.job_name!r} forbids concurrent runs and "
+                    error=f"job {job_name!r} forbids concurrent runs and "
                     f"execution {running[0].id} is running",
                     value=running[0],
                 )
-        runtime = view.runtime(execution.job_name)
+        runtime = view.runtime(job_name)
         fire = parse_time(cmd.get("fire"), "fire")
         if fire is not None:
             last = parse_time(runtime.get("last_fire"), "last_fire")
@@ -337,14 +348,24 @@ class StateMachine:
                 # This instant was already run: a replayed or doubled fire.
                 return _fail(409, f"fire {format_time(fire)} already ran")
             runtime["last_fire"] = format_time(fire)
-        runtime["count"] = runtime.get("count", 0) + 1
-        view.put_execution(execution)
-        self._trim(view, execution.job_name, runtime)
-        view.put_runtime(execution.job_name, runtime)
-        events.append(
-            Event("execution_started", execution.job_name, execution=execution)
-        )
-        return ApplyResult(value=execution)
+        parent = cmd.get("parent")
+        if parent:
+            seen = runtime.setdefault("parents", {})
+            if seen.get(parent["job"], -1) >= parent["group"]:
+                return _fail(
+                    409,
+                    f"dependent run for {parent['job']} group {parent['group']} "
+                    "already started",
+                )
+            seen[parent["job"]] = parent["group"]
+        runtime["count"] = runtime.get("count", 0) + len(executions)
+        for execution in executions:
+            view.put_execution(execution)
+        self._trim(view, job_name, runtime)
+        view.put_runtime(job_name, runtime)
+        for execution in executions:
+            events.append(Event("execution_started", job_name, execution=execution))
+        return ApplyResult(value=executions[0] if len(executions) == 1 else executions)
 
     def _execution_done(
         self, view: StateView, cmd: dict[str, Any], events: list[Event]

@@ -187,6 +187,10 @@ class Job:
     tags: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     retries: int = 0
+    # Ours: {"initial": "2s", "max": "1m"} (Go durations); empty: Dkron's.
+    retry_backoff: dict[str, str] = field(default_factory=dict)
+    # Ours: a retry may run on any matching node, not only the failed one.
+    retry_any_node: bool = False
     parent_job: str = ""
     dependent_jobs: list[str] = field(default_factory=list)
     concurrency: str = CONCURRENCY_ALLOW
@@ -233,6 +237,8 @@ class Job:
             tags=_string_map(data.get("tags"), "tags"),
             metadata=_string_map(data.get("metadata"), "metadata"),
             retries=_uint(data, "retries"),
+            retry_backoff=_retry_backoff(data.get("retry_backoff")),
+            retry_any_node=_bool(data, "retry_any_node"),
             parent_job=_string(data, "parent_job"),
             concurrency=concurrency,
             executor=_string(data, "executor"),
@@ -242,6 +248,14 @@ class Job:
             starts_at=parse_time(data.get("starts_at"), "starts_at"),
             expires_at=parse_time(data.get("expires_at"), "expires_at"),
         )
+        for key, value in job.tags.items():
+            _head, sep, count = value.partition(":")
+            if sep and not count.isdigit():
+                raise ValidationError(
+                    f"tags.{key}: {value!r}: the part after ':' must be a number "
+                    "of nodes",
+                    "tags",
+                )
         if job.parent_job:
             validate_name(job.parent_job, "parent_job")
             if job.parent_job == job.name:
@@ -287,6 +301,8 @@ class Job:
             tags=dict(get("tags") or {}),
             metadata=dict(get("metadata") or {}),
             retries=get("retries") or 0,
+            retry_backoff=dict(get("retry_backoff") or {}),
+            retry_any_node=bool(get("retry_any_node")),
             parent_job=get("parent_job") or "",
             dependent_jobs=list(get("dependent_jobs") or []),
             concurrency=get("concurrency") or CONCURRENCY_ALLOW,
@@ -321,6 +337,8 @@ class Job:
             "tags": dict(self.tags),
             "metadata": dict(self.metadata),
             "retries": self.retries,
+            "retry_backoff": dict(self.retry_backoff),
+            "retry_any_node": self.retry_any_node,
             "parent_job": self.parent_job,
             "dependent_jobs": list(self.dependent_jobs),
             "concurrency": self.concurrency,
@@ -419,3 +437,55 @@ def to_ns(value: datetime) -> int:
 
 def execution_id(started_at: datetime, node_name: str) -> str:
     return f"{to_ns(started_at)}-{node_name}"
+
+
+def backoff_seconds(text: str, where: str) -> float:
+    """A Go duration ("500ms", "1m30s") in seconds, for retry_backoff."""
+    from cronmesh.core.schedule import go_duration_seconds
+
+    try:
+        seconds = go_duration_seconds(text)
+    except ValueError as exc:
+        raise ValidationError(f"{where}: {exc}", "retry_backoff") from exc
+    if seconds <= 0:
+        raise ValidationError(
+            f"{where}: must be positive, got {text!r}", "retry_backoff"
+        )
+    return seconds
+
+
+def _retry_backoff(value: Any) -> dict[str, str]:
+    if value is None or value == {}:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError(
+            'retry_backoff: expected {"initial": "<duration>", "max": "<duration>"}',
+            "retry_backoff",
+        )
+    unknown = set(value) - {"initial", "max"}
+    if unknown:
+        raise ValidationError(
+            f"retry_backoff: unknown key {sorted(unknown)[0]!r} "
+            "(expected initial and max)",
+            "retry_backoff",
+        )
+    out: dict[str, str] = {}
+    for key in ("initial", "max"):
+        if key in value:
+            if not isinstance(value[key], str):
+                raise ValidationError(
+                    f'retry_backoff.{key}: expected a duration string like "5s"',
+                    "retry_backoff",
+                )
+            backoff_seconds(value[key], f"retry_backoff.{key}")
+            out[key] = value[key]
+    if (
+        "initial" in out
+        and "max" in out
+        and backoff_seconds(out["max"], "retry_backoff.max")
+        < backoff_seconds(out["initial"], "retry_backoff.initial")
+    ):
+        raise ValidationError(
+            "retry_backoff: max must not be shorter than initial", "retry_backoff"
+        )
+    return out

@@ -1,15 +1,16 @@
 """The runner: runs executions on this node and reports how they ended.
 
-An execution reaches the runner after its start was committed. The runner
-picks the executor, keeps the output in a capped buffer that the API reads
-while the job runs, and when the executor returns it proposes
-`execution_done`. If that proposal fails (no leader, storage error) it keeps
-trying, so a finished execution is never silently dropped while the agent
-lives.
+An execution reaches the runner after its start was committed: the leader
+hands it over (gRPC AgentRun, or a direct call when it runs here). The
+runner first records it in the node's outbox (durable), then runs the
+executor, keeps the output in a capped buffer that the API reads while the
+job runs, writes the result to the outbox, and proposes `execution_done`
+until a leader has committed it; only then does the outbox record go.
 
-Limitation: results waiting to be reported live in memory only; a crash
-between the end of a job and its report loses that report, and the restart
-marks the execution failed as interrupted.
+So a result is never lost: not when the leader dies during the run (the
+report goes to the next leader), not when this agent crashes after the job
+ended (the restart reports it from the outbox), and a crash during the run
+is reported as an interrupted, failed execution after the restart.
 """
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from cronmesh.core.commitlog import CommandLog
 from cronmesh.core.executors import OutputBuffer, get_executor
 from cronmesh.core.fsm import encode_command
-from cronmesh.core.model import Execution, Job
+from cronmesh.core.model import Execution, Job, format_time
 from cronmesh.errors import CronmeshError
+from cronmesh.storage.outbox import Outbox
 
 __all__ = ["LiveExecution", "Runner"]
 
 log = logging.getLogger("cronmesh.runner")
+
+REPORT_RETRY_MAX = 5.0
 
 
 def utcnow() -> datetime:
@@ -45,35 +50,77 @@ class LiveExecution:
     buffer: OutputBuffer
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    finished: bool = False
 
 
 class Runner:
     """Runs committed executions locally and reports their results."""
 
     def __init__(
-        self, node_name: str, commit_log: CommandLog, *, max_output: int
+        self,
+        node_name: str,
+        commit_log: CommandLog,
+        *,
+        max_output: int,
+        outbox: Outbox | None = None,
     ) -> None:
         self.node_name = node_name
         self.log = commit_log
         self.max_output = max_output
+        self.outbox = outbox
         self.live: dict[str, LiveExecution] = {}
+        # Results written to the outbox and not yet committed by a leader.
+        self.unreported: dict[str, Execution] = {}
         self.retry_delay = 0.5
+        self._reports: set[asyncio.Task[None]] = set()
+        self.on_finished: list[Any] = []
+
+    async def accept(self, job: Job, execution: Execution) -> bool:
+        """Record `execution` in the outbox and start it (idempotent: a
+        repeated hand-over of a known execution starts nothing).
+
+        Returns True when this call started it.
+        """
+        if execution.id in self.live or execution.id in self.unreported:
+            return False
+        if self.outbox is not None:
+            if execution.id in self.outbox:
+                return False
+            await self.outbox.put_running(execution, job.to_json())
+            if execution.id in self.live:  # a concurrent hand-over won
+                return False
+        self.start(job, execution)
+        return True
 
     def start(self, job: Job, execution: Execution) -> LiveExecution:
-        """Run `execution` (already committed as started) in the background."""
+        """Run `execution` in the background (its outbox record, if any, is
+        already written)."""
         live = LiveExecution(execution, job, OutputBuffer(self.max_output))
         self.live[execution.id] = live
         live.task = asyncio.create_task(self._run(live), name=f"run-{execution.id}")
         return live
 
+    def running_ids(self) -> list[str]:
+        return [i for i, live in self.live.items() if not live.finished]
+
     def output_of(self, exec_id: str) -> str | None:
         live = self.live.get(exec_id)
         return None if live is None else live.buffer.getvalue().decode(errors="replace")
 
-    def kill(self, exec_id: str) -> bool:
+    def read_output(self, exec_id: str, offset: int) -> tuple[bytes, int, bool] | None:
+        """New output of a live execution since `offset`: (bytes, offset,
+        finished); None when it does not run here."""
         live = self.live.get(exec_id)
         if live is None:
+            return None
+        data, end = live.buffer.read_from(offset)
+        return data, end, live.finished
+
+    def kill(self, exec_id: str) -> bool:
+        live = self.live.get(exec_id)
+        if live is None or live.finished:
             return False
+        log.info("killing execution job=%s execution=%s", live.job.name, exec_id)
         live.cancel.set()
         return True
 
@@ -111,28 +158,65 @@ class Runner:
         execution.finished_at = utcnow()
         execution.success = success
         execution.output = output
+        live.finished = True
         try:
-            await self.report(execution)
+            await self.finish(execution)
         finally:
-            self.live.pop(execution.id, None)
+            # Followers of the output get a last read before the entry goes.
+            self._later_drop(execution.id)
+
+    def _later_drop(self, exec_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, self.live.pop, exec_id, None)
 
     def _tail(self, live: LiveExecution, message: str) -> str:
         text = live.buffer.getvalue().decode(errors="replace")
         return f"{text}\n[cronmesh] {message}\n" if text else f"[cronmesh] {message}\n"
 
+    async def finish(self, execution: Execution) -> None:
+        """Keep the result durably, then report it in the background."""
+        if self.outbox is not None:
+            try:
+                await self.outbox.put_done(execution)
+            except CronmeshError as exc:
+                log.error(
+                    "cannot keep result in the outbox execution=%s error=%s",
+                    execution.id,
+                    exc,
+                )
+        self.unreported[execution.id] = execution
+        for callback in self.on_finished:
+            callback(execution)
+        task = asyncio.create_task(self._report_and_forget(execution))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report_and_forget(self, execution: Execution) -> None:
+        await self.report(execution)
+        self.unreported.pop(execution.id, None)
+        if self.outbox is not None:
+            with contextlib.suppress(CronmeshError):
+                await self.outbox.remove(execution.id)
+
     async def report(self, execution: Execution) -> None:
-        """Propose `execution_done` until the log takes it."""
+        """Propose `execution_done` until a leader takes it."""
         payload = encode_command("execution_done", execution=execution.to_json())
+        delay = self.retry_delay
+        warned = False
         while True:
             try:
                 result = await self.log.propose(payload)
             except CronmeshError as exc:
-                log.warning(
+                level = logging.DEBUG if warned else logging.WARNING
+                log.log(
+                    level,
                     "cannot report execution yet execution=%s error=%s",
                     execution.id,
                     exc,
                 )
-                await asyncio.sleep(self.retry_delay)
+                warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REPORT_RETRY_MAX)
                 continue
             if not result.ok:
                 log.debug(
@@ -142,10 +226,44 @@ class Runner:
                 )
             return
 
+    async def recover(self, restarted_at: datetime) -> int:
+        """After a restart: report what the outbox holds; an execution that
+        was running when the agent stopped is reported as failed."""
+        if self.outbox is None:
+            return 0
+        count = 0
+        for record in self.outbox.records():
+            execution = record.execution
+            if execution.id in self.live or execution.id in self.unreported:
+                continue
+            if not record.done:
+                execution.finished_at = utcnow()
+                execution.success = False
+                execution.output = (
+                    f"[cronmesh] interrupted: the agent stopped while this "
+                    f"execution ran; it restarted at {format_time(restarted_at)}\n"
+                )
+                count += 1
+            await self.finish(execution)
+        if count:
+            log.info("marked interrupted executions failed count=%d", count)
+        return count
+
+    async def resend(self, exec_ids: list[str]) -> None:
+        """The leader does not know these as running: if a result is kept
+        here, report it again (a lost report)."""
+        for exec_id in exec_ids:
+            execution = self.unreported.get(exec_id)
+            if execution is not None:
+                await self.report(execution)
+
     async def stop(self, grace: float) -> None:
-        """Let running executions finish for up to `grace` seconds, then kill."""
+        """Let running executions finish for up to `grace` seconds, then kill.
+
+        Results not yet reported stay in the outbox for the next start.
+        """
         deadline = time.monotonic() + grace
-        while self.live and time.monotonic() < deadline:
+        while self.running_ids() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for live in list(self.live.values()):
             live.cancel.set()
@@ -155,3 +273,8 @@ class Runner:
                 await asyncio.wait_for(
                     asyncio.gather(*tasks, return_exceptions=True), 5
                 )
+        # Give reports in flight a moment; what is left goes next start.
+        if self._reports:
+            await asyncio.wait(list(self._reports), timeout=2.0)
+        for task in list(self._reports):
+            task.cancel()

@@ -701,6 +701,18 @@ _ISO_DURATION = re.compile(
 _ISO_UNIT_SECONDS = (365 * 86400, 30 * 86400, 7 * 86400, 86400, 3600, 60, 1)
 
 
+def go_duration_seconds(text: str) -> float:
+    """Go's ``time.ParseDuration`` syntax in seconds.
+
+    Raises:
+        ValueError: not a Go duration.
+    """
+    try:
+        return _go_duration_ns(text.strip()) / 1e9
+    except ScheduleError as exc:
+        raise ValueError(f"invalid duration {text!r} (e.g. 500ms, 5s, 1m30s)") from exc
+
+
 def _go_duration_ns(text: str) -> int:
     """Parse Go's ``time.ParseDuration`` syntax into whole nanoseconds."""
     sign, body = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))

@@ -130,6 +130,14 @@ class OutputBuffer:
         with self._lock:
             return not self._buf or self._buf[-1:] == b"\n"
 
+    def read_from(self, offset: int) -> tuple[bytes, int]:
+        """The bytes written after `offset` that are still kept, and the new
+        offset (for following the output while it is written)."""
+        with self._lock:
+            start = max(offset, self._total - len(self._buf))
+            skip = start - (self._total - len(self._buf))
+            return bytes(self._buf[skip:]), self._total
+
     def getvalue(self) -> bytes:
         """The kept output, led by a cut marker when bytes were dropped."""
         with self._lock:
