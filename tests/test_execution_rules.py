@@ -160,13 +160,18 @@ def test_the_outbox_keeps_records_across_a_reopen(tmp_path: Path) -> None:
         )
         done.finished_at, done.success = T0, True
         await box.put_done(done)
+        box.close()
         data.close()
         data = DataDir(tmp_path / "d")
-        records = {r.execution.id: r for r in Outbox(data).records()}
+        box = Outbox(data)
+        records = {r.execution.id: r for r in box.records()}
+        box.close()
         assert records[running.id].done is False and records[running.id].job
         assert records[done.id].done is True and records[done.id].execution.success
-        await Outbox(data).remove(done.id)
-        assert [r.execution.id for r in Outbox(data).records()] == [running.id]
+        box = Outbox(data)
+        await box.remove(done.id)
+        assert [r.execution.id for r in box.records()] == [running.id]
+        box.close()
         data.close()
 
     asyncio.run(scenario())

@@ -108,6 +108,7 @@ class StateMachine:
             "set_disabled": self._set_disabled,
             "execution_started": self._execution_started,
             "execution_done": self._execution_done,
+            "executions_done": self._executions_done,
             "delete_executions": self._delete_executions,
             "restore": self._restore,
             "noop": lambda v, c, e: ApplyResult(),
@@ -410,6 +411,18 @@ class StateMachine:
         if deleted:
             events.append(Event("job_deleted", job.name, previous=job))
         return ApplyResult(value=execution)
+
+    def _executions_done(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        """Several results in one entry (an agent reports what finished since
+        its last report). Each is applied as `execution_done` would; the
+        value is the list of their codes, in order."""
+        codes = []
+        for doc in cmd["executions"]:
+            result = self._execution_done(view, {"execution": doc}, events)
+            codes.append(result.code)
+        return ApplyResult(value=codes)
 
     def _count(self, job: Job, runtime: dict[str, Any], execution: Execution) -> None:
         assert execution.finished_at is not None

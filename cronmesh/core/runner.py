@@ -35,6 +35,9 @@ __all__ = ["LiveExecution", "Runner"]
 log = logging.getLogger("cronmesh.runner")
 
 REPORT_RETRY_MAX = 5.0
+# Results per executions_done command (keeps one log entry well under 4 MB).
+MAX_REPORT_BATCH = 64
+MAX_REPORT_BYTES = 1 << 20
 
 
 def utcnow() -> datetime:
@@ -73,6 +76,8 @@ class Runner:
         self.unreported: dict[str, Execution] = {}
         self.retry_delay = 0.5
         self._reports: set[asyncio.Task[None]] = set()
+        self._batch: list[tuple[Execution, asyncio.Future[None]]] = []
+        self._batch_scheduled = False
         self.on_finished: list[Any] = []
 
     async def accept(self, job: Job, execution: Execution) -> bool:
@@ -192,15 +197,62 @@ class Runner:
         task.add_done_callback(self._reports.discard)
 
     async def _report_and_forget(self, execution: Execution) -> None:
-        await self.report(execution)
+        await self._report_batched(execution)
         self.unreported.pop(execution.id, None)
         if self.outbox is not None:
             with contextlib.suppress(CronmeshError):
                 await self.outbox.remove(execution.id)
 
+    async def _report_batched(self, execution: Execution) -> None:
+        """Results that end in the same event-loop turn travel in one
+        `executions_done` command (one log entry, one forwarding call)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._batch.append((execution, future))
+        if not self._batch_scheduled:
+            self._batch_scheduled = True
+            loop.call_soon(self._send_batch)
+        await future
+
+    def _send_batch(self) -> None:
+        self._batch_scheduled = False
+        size = count = 0
+        for execution, _ in self._batch:
+            size += len(execution.output)
+            if count and (count >= MAX_REPORT_BATCH or size > MAX_REPORT_BYTES):
+                break
+            count += 1
+        batch, self._batch = self._batch[:count], self._batch[count:]
+        if self._batch:
+            self._batch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        task = asyncio.create_task(self._deliver_batch(batch))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _deliver_batch(
+        self, batch: list[tuple[Execution, asyncio.Future[None]]]
+    ) -> None:
+        try:
+            if len(batch) == 1:
+                await self.report(batch[0][0])
+            else:
+                payload = encode_command(
+                    "executions_done",
+                    executions=[execution.to_json() for execution, _ in batch],
+                )
+                await self._propose_until_taken(payload, f"{len(batch)} executions")
+        finally:
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
     async def report(self, execution: Execution) -> None:
         """Propose `execution_done` until a leader takes it."""
         payload = encode_command("execution_done", execution=execution.to_json())
+        await self._propose_until_taken(payload, execution.id)
+
+    async def _propose_until_taken(self, payload: bytes, what: str) -> None:
         delay = self.retry_delay
         warned = False
         while True:
@@ -208,22 +260,13 @@ class Runner:
                 result = await self.log.propose(payload)
             except CronmeshError as exc:
                 level = logging.DEBUG if warned else logging.WARNING
-                log.log(
-                    level,
-                    "cannot report execution yet execution=%s error=%s",
-                    execution.id,
-                    exc,
-                )
+                log.log(level, "cannot report yet what=%s error=%s", what, exc)
                 warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REPORT_RETRY_MAX)
                 continue
             if not result.ok:
-                log.debug(
-                    "execution report refused execution=%s error=%s",
-                    execution.id,
-                    result.error,
-                )
+                log.debug("report refused what=%s error=%s", what, result.error)
             return
 
     async def recover(self, restarted_at: datetime) -> int:

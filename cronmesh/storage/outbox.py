@@ -10,8 +10,13 @@ nothing: the agent reports to whichever server leads next.
 After a restart, a "running" record means the agent died during the run:
 it is reported as failed ("interrupted"); a "done" one is reported as is.
 
-Writes from one event-loop turn share one transaction (and one fsync): a
-burst of 200 dispatches costs a few commits, not 200.
+The outbox is an LMDB environment of its own (`outbox/` in the data dir),
+opened without fsync on commit: a "running" record survives a crash of the
+agent (it is in the page cache) but not necessarily a power loss, which
+costs nothing on the hot path; a result is followed by an explicit fsync
+before it is reported, so it survives both. Writes from one event-loop turn
+share one transaction (and at most one fsync): a burst of 200 dispatches
+costs a few commits, not 200.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import json
 import logging
 from typing import Any
 
+import lmdb
+
 from cronmesh.core.model import Execution
+from cronmesh.errors import StorageError
 from cronmesh.storage.env import DataDir
 
 __all__ = ["Outbox", "OutboxRecord"]
@@ -46,26 +54,45 @@ class Outbox:
     """Durable per-agent record of executions until the leader has them."""
 
     def __init__(self, data: DataDir) -> None:
-        self.data = data
-        self._db = data.db(TABLE)
-        self._pending: list[tuple[bytes, bytes | None, asyncio.Future[None]]] = []
+        # `data` holds the lock of the data dir, which covers this env too.
+        path = data.path / "outbox"
+        try:
+            self.env = lmdb.open(
+                str(path),
+                map_size=256 << 20,
+                max_dbs=2,
+                subdir=True,
+                sync=False,
+                metasync=False,
+            )
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open the outbox in {path}: {exc}") from exc
+        self._db = self.env.open_db(TABLE.encode(), create=True)
+        self._pending: list[tuple[bytes, bytes | None, bool, asyncio.Future[None]]] = []
         self._flush_scheduled = False
 
+    def close(self) -> None:
+        self.env.close()
+
     async def put_running(self, execution: Execution, job: dict[str, Any]) -> None:
-        await self._write(execution.id, {"job": job, "execution": execution.to_json()})
+        await self._write(
+            execution.id, {"job": job, "execution": execution.to_json()}, durable=False
+        )
 
     async def put_done(self, execution: Execution) -> None:
-        """Record the result (the job document is not needed any more)."""
+        """Record the result durably (fsync) before it is reported."""
         await self._write(
-            execution.id, {"done": True, "execution": execution.to_json()}
+            execution.id, {"done": True, "execution": execution.to_json()}, durable=True
         )
 
     async def remove(self, exec_id: str) -> None:
-        await self._write(exec_id, None)
+        # A removal lost to a power cut only makes the result be reported
+        # again, which the state machine answers as a duplicate.
+        await self._write(exec_id, None, durable=False)
 
     def records(self) -> list[OutboxRecord]:
         found = []
-        with self.data.read() as txn, txn.cursor(db=self._db) as cur:
+        with self.env.begin(buffers=False) as txn, txn.cursor(db=self._db) as cur:
             for key, raw in cur:
                 try:
                     doc = json.loads(raw)
@@ -81,14 +108,16 @@ class Outbox:
         return found
 
     def __contains__(self, exec_id: str) -> bool:
-        with self.data.read() as txn:
+        with self.env.begin() as txn:
             return txn.get(exec_id.encode(), db=self._db) is not None
 
-    async def _write(self, exec_id: str, doc: dict[str, Any] | None) -> None:
+    async def _write(
+        self, exec_id: str, doc: dict[str, Any] | None, *, durable: bool
+    ) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         raw = None if doc is None else json.dumps(doc, separators=(",", ":")).encode()
-        self._pending.append((exec_id.encode(), raw, future))
+        self._pending.append((exec_id.encode(), raw, durable, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -97,21 +126,26 @@ class Outbox:
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
-
-        def write(txn: Any) -> None:
-            for key, raw, _ in batch:
-                if raw is None:
-                    txn.delete(key, db=self._db)
-                else:
-                    txn.put(key, raw, db=self._db)
-
         try:
-            self.data.write(write)
-        except Exception as exc:
-            for _, _, future in batch:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        for key, raw, _, _ in batch:
+                            if raw is None:
+                                txn.delete(key, db=self._db)
+                            else:
+                                txn.put(key, raw, db=self._db)
+                    break
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            if any(durable for _, _, durable, _ in batch):
+                self.env.sync(True)
+        except lmdb.Error as exc:
+            error = StorageError(f"outbox write failed: {exc}")
+            for *_, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
             return
-        for _, _, future in batch:
+        for *_, future in batch:
             if not future.done():
                 future.set_result(None)
