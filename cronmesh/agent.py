@@ -615,11 +615,18 @@ class Agent:
         return agent_pb2.HeartbeatReply(ok=True, unknown=finished)
 
     def _running_entries(self) -> list[str]:
-        return [
+        """What this node runs, and results it has not delivered yet (the
+        leader must not declare those lost while they are on their way)."""
+        entries = [
             f"{live.job.name}/{exec_id}"
             for exec_id, live in list(self.runner.live.items())
             if not live.finished
         ]
+        entries += [
+            f"{execution.job_name}/{exec_id}"
+            for exec_id, execution in list(self.runner.unreported.items())
+        ]
+        return entries
 
     async def _heartbeats(self) -> None:
         """Every node: tell the leader what runs here; stop what it ended."""
