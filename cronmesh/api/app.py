@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -179,7 +180,10 @@ def _errors(app: FastAPI) -> None:
 
     async def validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ValidationError)
-        extra = {"field": exc.field} if exc.field else {}
+        extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
+        rejected = getattr(exc, "rejected", None)  # a restore's problems
+        if rejected is not None:
+            extra.update(jobs=rejected, rejected=len(rejected))
         return _error(request, 400, str(exc), **extra)
 
     async def conflict(request: Request, exc: Exception) -> Response:
@@ -316,7 +320,28 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
                 "file: expected a multipart field 'file' with the jobs"
             )
         data = await upload.read()
-        return _reply(request, await restore_jobs(agent, data))
+        dry_run = _bool_query(request.query_params.get("dry_run"))
+        return _reply(request, await restore_jobs(agent, data, dry_run=dry_run))
+
+    @app.get("/v1/backup")
+    async def backup(request: Request) -> Response:
+        from cronmesh.api.backup import capture, render
+
+        # Any server answers, with every write acknowledged before this call.
+        await agent.consistent_read()
+        executions = _bool_query(request.query_params.get("executions"))
+        captured = capture(agent.store, executions=executions)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        headers = {
+            "X-Total-Count": str(len(captured.jobs)),
+            "X-Execution-Count": str(captured.execution_count),
+            "Content-Disposition": f'attachment; filename="cronmesh-{stamp}.json"',
+        }
+        return StreamingResponse(
+            render(captured, agent.node_name, executions=executions),
+            media_type="application/json",
+            headers=headers,
+        )
 
 
 def _job_routes(app: FastAPI, agent: Agent) -> None:

@@ -14,6 +14,7 @@ import typer
 from cronmesh import __version__
 from cronmesh.cli import (
     agent_cmd,
+    backup_cmd,
     client,
     cluster_cmds,
     executions_cmd,
@@ -41,6 +42,8 @@ app.command("members")(cluster_cmds.members)
 app.command("leave")(cluster_cmds.leave)
 app.command("keygen")(cluster_cmds.keygen)
 app.add_typer(keyring_cmd.app, name="keyring")
+app.command("backup")(backup_cmd.backup)
+app.command("restore")(backup_cmd.restore)
 
 
 @app.command("version")

@@ -17,9 +17,18 @@ from typing import Protocol
 from cronmesh.core.fsm import ApplyResult, StateMachine
 from cronmesh.errors import CronmeshError
 
-__all__ = ["CommandLog", "LocalLog", "NotLeaderError"]
+__all__ = ["MAX_COMMAND_BYTES", "CommandLog", "LocalLog", "NotLeaderError"]
 
 log = logging.getLogger("cronmesh.log")
+
+# The largest command a server takes. A Raft entry travels whole inside one
+# gRPC message (AppendEntries, or Propose when a follower forwards it),
+# base64 inside JSON: 2 MiB become about 2.7 MiB, under gRPC's default
+# 4 MiB receive limit, which we keep on purpose. A larger entry would be
+# refused by every follower's gRPC server, over and over, and replication
+# would stall; so bigger writes (a large restore) are split into parts
+# instead of raising the limit (api/restore.py).
+MAX_COMMAND_BYTES = 2 << 20
 
 
 class NotLeaderError(CronmeshError):

@@ -111,6 +111,8 @@ class StateMachine:
             "executions_done": self._executions_done,
             "delete_executions": self._delete_executions,
             "restore": self._restore,
+            "restore_part": self._restore_part,
+            "restore_abort": self._restore_abort,
             "noop": lambda v, c, e: ApplyResult(),
         }
 
@@ -206,35 +208,26 @@ class StateMachine:
     def _restore(
         self, view: StateView, cmd: dict[str, Any], events: list[Event]
     ) -> ApplyResult:
-        """Store many jobs at once, or none: parents first, all checked before."""
-        jobs = {}
-        for data in cmd["jobs"]:
-            job = Job.from_json(data, keep_runtime=True)
-            jobs[job.name] = data
-        order: list[str] = []
-        visiting: set[str] = set()
+        """Store many jobs, their executions and schedule state, or nothing.
 
-        def visit(name: str) -> str | None:
-            if name in order:
-                return None
-            if name in visiting:
-                return f"parent_job: cycle through {name!r}"
-            visiting.add(name)
-            parent = jobs[name].get("parent_job") or ""
-            if parent in jobs:
-                problem = visit(parent)
-                if problem:
-                    return problem
-            elif parent and view.get_job(parent) is None:
-                return f"parent_job: parent job {parent!r} of {name!r} not found"
-            visiting.discard(name)
-            order.append(name)
-            return None
-
-        for name in jobs:
-            problem = visit(name)
-            if problem:
-                return _fail(404 if "not found" in problem else 400, problem)
+        The content is in the command (`jobs`, `executions`, `last_fire`) or,
+        for a restore too large for one Raft entry, in the parts staged by
+        `restore_part` under `staged` (an id) and `parts` (their number).
+        The API validated it all before; what depends on the state (parents,
+        cycles) is checked again here, against the state of this index.
+        """
+        content: dict[str, Any] = cmd
+        if "staged" in cmd:
+            merged = self._unstage(view, str(cmd["staged"]), int(cmd["parts"]))
+            if isinstance(merged, ApplyResult):
+                return merged
+            content = merged
+        jobs: dict[str, dict[str, Any]] = {}
+        for data in content["jobs"]:
+            jobs[Job.from_json(data, keep_runtime=True).name] = data
+        order, problem = self._parents_first(view, jobs)
+        if problem:
+            return _fail(400, problem)
         # A nested transaction: if any job is refused, none is written.
         child = self.store.data.env.begin(write=True, parent=view.txn)
         inner = StateView(self.store.data, child)
@@ -249,9 +242,127 @@ class StateMachine:
                 return _fail(result.code, f"{name}: {result.error}")
             created = result.code == 201
             report.append({"name": name, "result": "created" if created else "updated"})
+        restored = self._restore_history(
+            inner, content.get("executions") or [], content.get("last_fire") or {}
+        )
+        if isinstance(restored, ApplyResult):
+            child.abort()
+            return restored
+        if "staged" in cmd:
+            inner.drop_staged(str(cmd["staged"]))
         child.commit()
         events.extend(new_events)
-        return ApplyResult(value=report)
+        log.info("restored jobs=%d executions=%d", len(report), restored)
+        return ApplyResult(value={"jobs": report, "executions": restored})
+
+    def _unstage(
+        self, view: StateView, restore_id: str, expected: int
+    ) -> dict[str, Any] | ApplyResult:
+        parts = view.staged_parts(restore_id)
+        if [seq for seq, _ in parts] != list(range(expected)):
+            return _fail(
+                409,
+                f"restore {restore_id}: {len(parts)} of {expected} parts are "
+                "staged (another restore started meanwhile?); nothing restored",
+            )
+        merged: dict[str, Any] = {"jobs": [], "executions": [], "last_fire": {}}
+        for _, raw in parts:
+            part = json.loads(raw)
+            merged["jobs"] += part.get("jobs", [])
+            merged["executions"] += part.get("executions", [])
+            merged["last_fire"].update(part.get("last_fire", {}))
+        return merged
+
+    def _parents_first(
+        self, view: StateView, jobs: dict[str, dict[str, Any]]
+    ) -> tuple[list[str], str | None]:
+        """The names of `jobs` with every parent before its children."""
+        order: list[str] = []
+        placed: set[str] = set()
+        visiting: set[str] = set()
+
+        def visit(name: str) -> str | None:
+            if name in placed:
+                return None
+            if name in visiting:
+                return f"parent_job: cycle through {name!r}"
+            visiting.add(name)
+            parent = jobs[name].get("parent_job") or ""
+            if parent in jobs:
+                problem = visit(parent)
+                if problem:
+                    return problem
+            elif parent and view.get_job(parent) is None:
+                return f"parent_job: parent job {parent!r} of {name!r} not found"
+            visiting.discard(name)
+            order.append(name)
+            placed.add(name)
+            return None
+
+        for name in jobs:
+            problem = visit(name)
+            if problem:
+                return [], problem
+        return order, None
+
+    def _restore_history(
+        self, view: StateView, executions: list[Any], last_fire: dict[str, Any]
+    ) -> int | ApplyResult:
+        """Put restored executions (ids and times kept), then recount each
+        job's runtime record from what is stored. Returns how many."""
+        touched: set[str] = set(last_fire)
+        for data in executions:
+            execution = Execution.from_json(data)
+            if not view.has_job(execution.job_name):
+                return _fail(400, f"execution of unknown job {execution.job_name!r}")
+            encoded = execution.output.encode()
+            if len(encoded) > self.max_output:
+                execution.output = encoded[-self.max_output :].decode(errors="ignore")
+            view.put_execution(execution)
+            touched.add(execution.job_name)
+        for name in sorted(touched):
+            if not view.has_job(name):
+                return _fail(400, f"last_fire of unknown job {name!r}")
+            runtime = view.runtime(name)
+            fire = parse_time(last_fire.get(name), "last_fire")
+            last = parse_time(runtime.get("last_fire"), "last_fire")
+            if fire is not None and (last is None or fire > last):
+                runtime["last_fire"] = format_time(fire)
+            runtime["count"] = sum(1 for _ in view.iter_execution_keys(name))
+            self._trim(view, name, runtime)
+            self._retally(view, name, runtime)
+            view.put_runtime(name, runtime)
+        return len(executions)
+
+    def _retally(self, view: StateView, name: str, runtime: dict[str, Any]) -> None:
+        """The newest group's ok/fail tally, from the stored executions."""
+        stored = list(view.iter_executions(name, with_output=False))
+        finished = [e for e in stored if not e.running]
+        if not finished:
+            return
+        group = max(e.group for e in finished)
+        newest = [e for e in finished if e.group == group]
+        ok = sum(1 for e in newest if e.success)
+        runtime.update(group=group, ok=ok, fail=len(newest) - ok)
+
+    def _restore_part(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        """Stage one part of a large restore; `restore` with `staged` uses it."""
+        seq = int(cmd["seq"])
+        if seq == 0:
+            # Parts of a restore whose client went away before its commit.
+            dropped = view.drop_staged()
+            if dropped:
+                log.info("dropped stale restore parts count=%d", dropped)
+        view.put_staged(str(cmd["id"]), seq, json.dumps(cmd["part"]).encode())
+        return ApplyResult()
+
+    def _restore_abort(
+        self, view: StateView, cmd: dict[str, Any], events: list[Event]
+    ) -> ApplyResult:
+        view.drop_staged(str(cmd["id"]))
+        return ApplyResult()
 
     def _parent_problem(self, view: StateView, job: Job) -> ApplyResult | None:
         parent = view.get_job(job.parent_job)

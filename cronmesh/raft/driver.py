@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cronmesh.core.commitlog import NotLeaderError
+from cronmesh.core.commitlog import MAX_COMMAND_BYTES, NotLeaderError
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
-from cronmesh.errors import StorageError
+from cronmesh.errors import StorageError, ValidationError
 from cronmesh.raft.errors import NotLeader, ProposalDropped, RaftError
 from cronmesh.raft.messages import Message
 from cronmesh.raft.node import RaftConfig, RaftNode
@@ -155,6 +155,11 @@ class RaftDriver:
         """Apply `payload` through the leader (CommandLog protocol)."""
         if self.broken:
             raise StorageError(self.broken)
+        if len(payload) > MAX_COMMAND_BYTES:
+            raise ValidationError(
+                f"command: {len(payload)} bytes, more than the {MAX_COMMAND_BYTES} "
+                "a Raft entry may hold"
+            )
         if self.role is not Role.LEADER:
             return await self._forward(payload)
         future: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()

@@ -9,6 +9,8 @@ Tables (all in the data dir's one LMDB environment):
     execs    exec key -> execution JSON without its output
     outputs  exec key -> output bytes
     running  exec key -> b"" for every execution that has not finished
+    staged   restore id \0 part number (8 digits) -> one part of a large
+             restore, kept until the restore commits or is abandoned
 
 An exec key is `job \\0 started-ns (20 digits) - node`, so one job's
 executions sort by start time and a prefix scan lists them.
@@ -33,7 +35,7 @@ from cronmesh.storage.env import DataDir
 
 __all__ = ["StateStore", "StateView", "exec_key", "split_execution_id"]
 
-TABLES = ("meta", "jobs", "jobrt", "execs", "outputs", "running")
+TABLES = ("meta", "jobs", "jobrt", "execs", "outputs", "running", "staged")
 _INDEX = struct.Struct(">Q")
 
 
@@ -182,6 +184,34 @@ class StateView:
             for key in self.running_keys(job)
         )
         return [e for e in found if e is not None]
+
+    # -- parts of a restore too large for one command
+    def put_staged(self, restore_id: str, seq: int, part: bytes) -> None:
+        key = f"{restore_id}\0{seq:08d}".encode()
+        self.txn.put(key, part, db=self.t["staged"])
+
+    def staged_parts(self, restore_id: str) -> list[tuple[int, bytes]]:
+        """(part number, bytes) of one restore, in order."""
+        prefix = f"{restore_id}\0".encode()
+        found: list[tuple[int, bytes]] = []
+        with self.txn.cursor(db=self.t["staged"]) as cur:
+            if not cur.set_range(prefix):
+                return found
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                found.append((int(bytes(key[len(prefix) :])), bytes(value)))
+        return found
+
+    def drop_staged(self, restore_id: str | None = None) -> int:
+        """Delete the parts of one restore (None: of every restore)."""
+        prefix = b"" if restore_id is None else f"{restore_id}\0".encode()
+        with self.txn.cursor(db=self.t["staged"]) as cur:
+            keys = [bytes(k) for k in cur.iternext(keys=True, values=False)]
+        doomed = [k for k in keys if k.startswith(prefix)]
+        for key in doomed:
+            self.txn.delete(key, db=self.t["staged"])
+        return len(doomed)
 
 
 class StateStore:
