@@ -25,15 +25,16 @@ to every follower.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cronmesh.core.fsm import ApplyResult, encode_command
-from cronmesh.core.model import Execution, execution_id, format_time, parse_time
+from cronmesh.core.model import Execution, Job, execution_id, format_time, parse_time
 from cronmesh.errors import ConflictError, CronmeshError, ValidationError
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ log = logging.getLogger("cronmesh.restore")
 
 FORMAT_VERSION = 1  # "cronmesh_backup" of the documents we write and read
 PART_BYTES = 1 << 20  # a restore larger than this goes in parts of this size
+
+Validate = Callable[..., Job]  # Agent.validate_job
 
 
 class RestoreRejected(ValidationError):
@@ -101,6 +104,16 @@ def parse_backup(data: bytes) -> _Content:
     return _Content(document["jobs"], executions, last_fire)
 
 
+@dataclass
+class _Plan:
+    """A checked backup, ready to propose."""
+
+    jobs: list[str]  # names, in file order
+    executions: int
+    commands: list[bytes]  # restore_part commands (maybe none), then restore
+    restore_id: str = ""
+
+
 async def restore_jobs(
     agent: Agent, data: bytes, *, dry_run: bool = False
 ) -> dict[str, Any]:
@@ -113,31 +126,50 @@ async def restore_jobs(
         RestoreRejected: a problem in the file; nothing was written.
         ConflictError: another restore replaced this one's parts.
     """
-    content = parse_backup(data)
-    jobs, executions, rejected = _check(agent, content)
-    if rejected:
-        names = "; ".join(f"{r['name'] or r['index']}: {r['error']}" for r in rejected)
-        raise RestoreRejected(
-            f"file: {len(rejected)} problem(s), nothing was restored: {names}",
-            rejected,
-        )
+    parents = {j.name: j.parent_job for j in agent.store.list_jobs()}
+    # Decoding and checking thousands of jobs takes CPU seconds; in a thread,
+    # this server's loop keeps answering Raft meanwhile (a leader that goes
+    # quiet for an election timeout loses its leadership).
+    plan = await asyncio.to_thread(_plan, agent.validate_job, data, parents)
     if dry_run:
-        existing = {j.name for j in agent.store.list_jobs()}
         report = [
-            {
-                "name": j["name"],
-                "result": "updated" if j["name"] in existing else "created",
-            }
-            for j in jobs
+            {"name": name, "result": "updated" if name in parents else "created"}
+            for name in plan.jobs
         ]
-        return _answer(report, len(executions), dry_run=True)
-    result = await _propose(agent, jobs, executions, content.last_fire)
+        return _answer(report, plan.executions, dry_run=True)
+    result = await _propose(agent, plan)
     if not result.ok:
         if result.code == 409:
             raise ConflictError(result.error)
         raise RestoreRejected(f"file: nothing was restored: {result.error}", [])
     value = result.value
     return _answer(list(value["jobs"]), int(value["executions"]), dry_run=False)
+
+
+def _plan(validate: Validate, data: bytes, parents: dict[str, str]) -> _Plan:
+    """Parse and check a backup, and encode the commands that restore it."""
+    content = parse_backup(data)
+    jobs, executions, rejected = _check(validate, parents, content)
+    if rejected:
+        names = "; ".join(f"{r['name'] or r['index']}: {r['error']}" for r in rejected)
+        raise RestoreRejected(
+            f"file: {len(rejected)} problem(s), nothing was restored: {names}",
+            rejected,
+        )
+    names = [j["name"] for j in jobs]
+    command = encode_command(
+        "restore", jobs=jobs, executions=executions, last_fire=content.last_fire
+    )
+    if len(command) <= PART_BYTES:
+        return _Plan(names, len(executions), [command])
+    restore_id = secrets.token_hex(8)
+    parts = list(_parts(jobs, executions, content.last_fire))
+    commands = [
+        encode_command("restore_part", id=restore_id, seq=seq, part=part)
+        for seq, part in enumerate(parts)
+    ]
+    commands.append(encode_command("restore", staged=restore_id, parts=len(parts)))
+    return _Plan(names, len(executions), commands, restore_id)
 
 
 def _answer(
@@ -156,7 +188,7 @@ def _answer(
 
 # -- checks
 def _check(
-    agent: Agent, content: _Content
+    validate: Validate, parents: dict[str, str], content: _Content
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(valid jobs as JSON, valid executions as JSON, rejected entries)."""
     rejected: list[dict[str, Any]] = []
@@ -169,7 +201,7 @@ def _check(
     jobs: dict[str, dict[str, Any]] = {}
     for position, item in enumerate(content.jobs):
         try:
-            job = agent.validate_job(item, keep_runtime=True)
+            job = validate(item, keep_runtime=True)
         except ValidationError as exc:
             name = item.get("name") if isinstance(item, dict) else None
             reject(position, name, str(exc))
@@ -178,7 +210,7 @@ def _check(
             reject(position, job.name, "appears more than once in the file")
             continue
         jobs[job.name] = job.to_json()
-    for name, problem in _parent_problems(agent, jobs).items():
+    for name, problem in _parent_problems(parents, jobs).items():
         reject(None, name, problem)
     executions: list[dict[str, Any]] = []
     for name, items in content.executions.items():
@@ -195,13 +227,15 @@ def _check(
     return list(jobs.values()), executions, rejected
 
 
-def _parent_problems(agent: Agent, jobs: dict[str, dict[str, Any]]) -> dict[str, str]:
+def _parent_problems(
+    parents: dict[str, str], jobs: dict[str, dict[str, Any]]
+) -> dict[str, str]:
     """Per job name: a missing parent, or a cycle through parents.
 
     The cluster's jobs count too: a file may hang a job under an existing
     one, or make an existing job's parent a child of its own child.
     """
-    parent_of = {j.name: j.parent_job for j in agent.store.list_jobs()}
+    parent_of = dict(parents)
     parent_of.update({name: job["parent_job"] for name, job in jobs.items()})
     problems: dict[str, str] = {}
     for name in jobs:
@@ -272,35 +306,25 @@ def _execution(job: str, item: Any) -> dict[str, Any]:
 
 
 # -- writing
-async def _propose(
-    agent: Agent,
-    jobs: list[dict[str, Any]],
-    executions: list[dict[str, Any]],
-    last_fire: dict[str, Any],
-) -> ApplyResult:
-    """One `restore` command; with parts staged first when it is large."""
-    command = encode_command(
-        "restore", jobs=jobs, executions=executions, last_fire=last_fire
-    )
-    if len(command) <= PART_BYTES:
-        return await agent.log.propose(command)
-    restore_id = secrets.token_hex(8)
-    parts = list(_parts(jobs, executions, last_fire))
-    log.info(
-        "restore in parts id=%s parts=%d bytes=%d", restore_id, len(parts), len(command)
-    )
+async def _propose(agent: Agent, plan: _Plan) -> ApplyResult:
+    """Stage the parts (if any), then propose the one `restore` command."""
+    if plan.restore_id:
+        size = sum(len(c) for c in plan.commands)
+        log.info(
+            "restore in parts id=%s parts=%d bytes=%d",
+            plan.restore_id,
+            len(plan.commands) - 1,
+            size,
+        )
     try:
-        for seq, part in enumerate(parts):
-            staged = await agent.log.propose(
-                encode_command("restore_part", id=restore_id, seq=seq, part=part)
-            )
+        for seq, command in enumerate(plan.commands[:-1]):
+            staged = await agent.log.propose(command)
             if not staged.ok:
                 raise CronmeshError(f"staging part {seq}: {staged.error}")
-        return await agent.log.propose(
-            encode_command("restore", staged=restore_id, parts=len(parts))
-        )
-    except BaseException:
-        await _abandon(agent, restore_id)
+        return await agent.log.propose(plan.commands[-1])
+    except Exception:
+        if plan.restore_id:
+            await _abandon(agent, plan.restore_id)
         raise
 
 

@@ -111,8 +111,10 @@ def _download(
                 response.headers.get("X-Total-Count", "?"),
                 response.headers.get("X-Execution-Count", "?"),
             )
+    except httpx.ConnectError as exc:
+        fail(f"cannot reach cronmesh at {client.address}: {exc}")
     except httpx.HTTPError as exc:
-        fail(f"backup from {client.address} failed: {exc}")
+        fail(f"backup from {client.address} was cut short: {exc}")
     except OSError as exc:
         fail(f"cannot write the backup: {exc.strerror or exc}")
 

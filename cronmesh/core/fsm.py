@@ -40,7 +40,7 @@ from cronmesh.core.model import (
     to_ns,
 )
 from cronmesh.errors import InvariantViolation
-from cronmesh.storage.state import StateStore, StateView
+from cronmesh.storage.state import StateStore, StateView, exec_key
 
 __all__ = ["ApplyResult", "Event", "StateMachine", "encode_command"]
 
@@ -224,35 +224,56 @@ class StateMachine:
             content = merged
         jobs: dict[str, dict[str, Any]] = {}
         for data in content["jobs"]:
-            jobs[Job.from_json(data, keep_runtime=True).name] = data
+            jobs[str(data["name"])] = data  # checked again by _set_job below
         order, problem = self._parents_first(view, jobs)
         if problem:
             return _fail(400, problem)
-        # A nested transaction: if any job is refused, none is written.
+        # A nested transaction: if anything is refused, nothing is written.
         child = self.store.data.env.begin(write=True, parent=view.txn)
-        inner = StateView(self.store.data, child)
-        report: list[dict[str, str]] = []
         new_events: list[Event] = []
-        for name in order:
-            result = self._set_job(
-                inner, {"job": jobs[name], "restore": True}, new_events
+        try:
+            result = self._restore_into(
+                StateView(self.store.data, child), jobs, order, content, new_events
             )
+        except BaseException:
+            child.abort()
+            raise
+        if not result.ok:
+            child.abort()
+            return result
+        if "staged" in cmd:
+            StateView(self.store.data, child).drop_staged(str(cmd["staged"]))
+        child.commit()
+        events.extend(new_events)
+        log.info(
+            "restored jobs=%d executions=%d",
+            len(result.value["jobs"]),
+            result.value["executions"],
+        )
+        return result
+
+    def _restore_into(
+        self,
+        view: StateView,
+        jobs: dict[str, dict[str, Any]],
+        order: list[str],
+        content: dict[str, Any],
+        events: list[Event],
+    ) -> ApplyResult:
+        report: list[dict[str, str]] = []
+        for name in order:
+            result = self._set_job(view, {"job": jobs[name], "restore": True}, events)
             if not result.ok:
-                child.abort()
                 return _fail(result.code, f"{name}: {result.error}")
             created = result.code == 201
             report.append({"name": name, "result": "created" if created else "updated"})
+        for name in order:
+            _keep_child_order(view, name, jobs[name].get("dependent_jobs") or [])
         restored = self._restore_history(
-            inner, content.get("executions") or [], content.get("last_fire") or {}
+            view, content.get("executions") or [], content.get("last_fire") or {}
         )
         if isinstance(restored, ApplyResult):
-            child.abort()
             return restored
-        if "staged" in cmd:
-            inner.drop_staged(str(cmd["staged"]))
-        child.commit()
-        events.extend(new_events)
-        log.info("restored jobs=%d executions=%d", len(report), restored)
         return ApplyResult(value={"jobs": report, "executions": restored})
 
     def _unstage(
@@ -308,42 +329,42 @@ class StateMachine:
     def _restore_history(
         self, view: StateView, executions: list[Any], last_fire: dict[str, Any]
     ) -> int | ApplyResult:
-        """Put restored executions (ids and times kept), then recount each
-        job's runtime record from what is stored. Returns how many."""
-        touched: set[str] = set(last_fire)
+        """Put restored executions (ids and times kept), then set each job's
+        runtime record: last fire, stored count, newest group's tally.
+        Returns how many executions were put."""
+        before = {name: view.runtime(name) for name in last_fire}
+        added: dict[str, list[Execution]] = {}
         for data in executions:
             execution = Execution.from_json(data)
-            if not view.has_job(execution.job_name):
-                return _fail(400, f"execution of unknown job {execution.job_name!r}")
+            name = execution.job_name
+            if name not in before:
+                if not view.has_job(name):
+                    return _fail(400, f"execution of unknown job {name!r}")
+                before[name] = view.runtime(name)
             encoded = execution.output.encode()
             if len(encoded) > self.max_output:
                 execution.output = encoded[-self.max_output :].decode(errors="ignore")
+            if view.get_execution_by_key(_exec_key(execution), with_output=False):
+                before[name]["count"] = before[name].get("count", 0) - 1  # replaced
             view.put_execution(execution)
-            touched.add(execution.job_name)
-        for name in sorted(touched):
+            added.setdefault(name, []).append(execution)
+        for name, runtime in sorted(before.items()):
             if not view.has_job(name):
                 return _fail(400, f"last_fire of unknown job {name!r}")
-            runtime = view.runtime(name)
             fire = parse_time(last_fire.get(name), "last_fire")
             last = parse_time(runtime.get("last_fire"), "last_fire")
             if fire is not None and (last is None or fire > last):
                 runtime["last_fire"] = format_time(fire)
-            runtime["count"] = sum(1 for _ in view.iter_execution_keys(name))
+            found = added.get(name, [])
+            stored_before = runtime.get("count", 0)
+            runtime["count"] = stored_before + len(found)
+            if stored_before > 0:
+                # Runs stored before the restore count in the tally too.
+                found = list(view.iter_executions(name, with_output=False))
+            _tally(runtime, [e for e in found if not e.running])
             self._trim(view, name, runtime)
-            self._retally(view, name, runtime)
             view.put_runtime(name, runtime)
         return len(executions)
-
-    def _retally(self, view: StateView, name: str, runtime: dict[str, Any]) -> None:
-        """The newest group's ok/fail tally, from the stored executions."""
-        stored = list(view.iter_executions(name, with_output=False))
-        finished = [e for e in stored if not e.running]
-        if not finished:
-            return
-        group = max(e.group for e in finished)
-        newest = [e for e in finished if e.group == group]
-        ok = sum(1 for e in newest if e.success)
-        runtime.update(group=group, ok=ok, fail=len(newest) - ok)
 
     def _restore_part(
         self, view: StateView, cmd: dict[str, Any], events: list[Event]
@@ -591,6 +612,37 @@ class StateMachine:
         view.put_runtime(name, runtime)
         log.debug("deleted executions job=%s count=%d", name, removed)
         return ApplyResult(value=job)
+
+
+def _exec_key(execution: Execution) -> bytes:
+    return exec_key(
+        execution.job_name, to_ns(execution.started_at), execution.node_name
+    )
+
+
+def _tally(runtime: dict[str, Any], finished: list[Execution]) -> None:
+    """The newest group's ok/fail tally (as _count keeps it), recounted."""
+    if not finished:
+        return
+    group = max(e.group for e in finished)
+    newest = [e for e in finished if e.group == group]
+    ok = sum(1 for e in newest if e.success)
+    runtime.update(group=group, ok=ok, fail=len(newest) - ok)
+
+
+def _keep_child_order(view: StateView, name: str, listed: list[str]) -> None:
+    """Order a restored job's children as its backup listed them (they were
+    linked parents first, so in another order)."""
+    if not listed:
+        return
+    job = view.get_job(name)
+    if job is None:
+        return
+    ordered = [c for c in listed if c in job.dependent_jobs]
+    ordered += [c for c in job.dependent_jobs if c not in ordered]
+    if ordered != job.dependent_jobs:
+        job.dependent_jobs = ordered
+        view.put_job(job)
 
 
 def _copy_runtime(source: Job, target: Job) -> None:
