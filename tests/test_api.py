@@ -269,10 +269,8 @@ def test_restore_is_all_or_nothing(agent: AgentProcess) -> None:
     garbage = agent.http.post("/v1/restore", files={"file": "{not json"})
     assert garbage.status_code == 400
     missing = [{**shell_job("kid", "true"), "parent_job": "nobody"}]
-    assert (
-        agent.http.post("/v1/restore", files={"file": json.dumps(missing)}).status_code
-        == 404
-    )
+    refused = agent.http.post("/v1/restore", files={"file": json.dumps(missing)})
+    assert refused.status_code == 400 and "'nobody'" in refused.json()["error"]
     assert agent.http.get("/v1/jobs/kid").status_code == 404
 
 

@@ -1,14 +1,21 @@
-"""`cronmesh backup` / `cronmesh restore` and their routes, on real agents."""
+"""Backup and restore: the state machine's commands, the routes and the CLI."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from conftest import AgentProcess, shell_job
 from test_cli import cli
 from test_cluster import leader_of, start_cluster
+
+from cronmesh.core.fsm import StateMachine, encode_command
+from cronmesh.core.model import Execution
+from cronmesh.storage.env import DataDir
+from cronmesh.storage.snapshot import dump_state, load_state
+from cronmesh.storage.state import StateStore
 
 
 def state_of(node: AgentProcess) -> dict[str, Any]:
@@ -207,6 +214,10 @@ def test_a_bad_backup_is_refused_whole_and_nothing_is_written(
     assert [(r["name"], r["result"]) for r in rejected.json()["jobs"]] == [
         ("odd", "rejected")
     ]
+    # One write larger than a Raft entry may be is refused, not replicated
+    # forever into followers' gRPC limits.
+    huge = agent.post_job(shell_job("huge", "echo " + "y" * (3 << 20)))
+    assert huge.status_code == 400 and "Raft entry" in huge.json()["error"]
     assert state_of(agent) == before
 
     # The CLI: exit 2 and one line naming the problem; a table of rejections.
@@ -310,3 +321,89 @@ def test_dkron_jobs_restore_and_dry_run_reports_without_writing(
     again = _post(agent, dkron).json()
     assert (again["created"], again["updated"]) == (0, 3)
     assert agent.http.get("/v1/jobs/web").json() == web
+
+
+def _run(job: str, i: int, *, success: bool = True) -> dict[str, Any]:
+    started = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=i)
+    return Execution(
+        job_name=job,
+        started_at=started,
+        node_name="n1",
+        group=i,
+        finished_at=started + timedelta(seconds=1),
+        success=success,
+        output=f"run {i}",
+    ).to_json()
+
+
+class Log:
+    """A state machine fed commands one by one, as Raft would apply them."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        self.data = DataDir(path)
+        self.fsm = StateMachine(StateStore(self.data), **options)
+
+    def apply(self, op: str, **fields: Any) -> Any:
+        index = self.fsm.store.applied_index() + 1
+        return self.fsm.apply_batch([(index, encode_command(op, **fields))])[0]
+
+    def staged(self) -> int:
+        with self.fsm.store.view() as view:
+            return int(view.txn.stat(view.t["staged"])["entries"])
+
+
+def test_restore_parts_are_invisible_until_the_one_restore_command(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path / "a", max_executions=3)
+    log.apply("set_job", job=shell_job("old", "true"))
+    for i in range(2):
+        log.apply("execution_done", execution=_run("old", i))
+    first = {
+        "jobs": [shell_job("old", "echo new"), shell_job("top", "true")],
+        "executions": [_run("old", 5, success=False), _run("old", 6)],
+    }
+    second = {
+        "jobs": [{**shell_job("leaf", "true"), "schedule": "", "parent_job": "top"}],
+        "executions": [_run("leaf", 7)],
+        "last_fire": {"top": "2026-01-01T01:00:00Z"},
+    }
+    assert log.apply("restore_part", id="r1", seq=0, part=first).ok
+    assert log.fsm.store.get_job("top") is None
+    # A snapshot taken between the parts carries them to a new server.
+    moved = Log(tmp_path / "b", max_executions=3)
+    load_state(moved.data, dump_state(log.data), log.fsm.store.applied_index())
+    for target in (log, moved):
+        assert target.apply("restore_part", id="r1", seq=1, part=second).ok
+        result = target.apply("restore", staged="r1", parts=2)
+        assert result.ok, result.error
+        assert result.value["executions"] == 3
+        assert target.staged() == 0
+        old = target.fsm.store.get_job("old")
+        assert old is not None and old.executor_config["command"] == "echo new"
+        # Four runs stored, three kept: the oldest went; the id is kept.
+        runs = target.fsm.store.executions("old")
+        assert [e.group for e in runs] == [1, 5, 6]
+        assert runs[2].id == _run("old", 6)["id"] and runs[2].output == "run 6"
+        top = target.fsm.store.get_job("top")
+        assert top is not None and top.dependent_jobs == ["leaf"]
+        assert target.fsm.store.last_fire("top") == datetime(2026, 1, 1, 1, tzinfo=UTC)
+
+
+def test_a_restore_whose_parts_are_gone_or_wrong_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    log = Log(tmp_path / "a")
+    part = {"jobs": [shell_job("x", "true")], "executions": []}
+    assert log.apply("restore_part", id="r1", seq=0, part=part).ok
+    # A new restore's first part drops what an abandoned one left.
+    assert log.apply("restore_part", id="r2", seq=0, part=part).ok
+    refused = log.apply("restore", staged="r1", parts=1)
+    assert refused.code == 409 and "0 of 1 parts" in refused.error
+    orphan = {"jobs": [{**shell_job("y", "true"), "parent_job": "ghost"}]}
+    assert log.apply("restore_part", id="r2", seq=1, part=orphan).ok
+    refused = log.apply("restore", staged="r2", parts=2)
+    assert refused.code == 400 and "ghost" in refused.error
+    assert log.fsm.store.list_jobs() == [] and log.staged() == 2
+    assert log.apply("restore_abort", id="r2").ok
+    assert log.staged() == 0
