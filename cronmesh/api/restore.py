@@ -47,6 +47,8 @@ log = logging.getLogger("cronmesh.restore")
 FORMAT_VERSION = 1  # "cronmesh_backup" of the documents we write and read
 PART_BYTES = 1 << 20  # a restore larger than this goes in parts of this size
 
+OUTCOME_TRIES = 30  # read barriers tried after a leader change (5 s each)
+
 Validate = Callable[..., Job]  # Agent.validate_job
 
 
@@ -111,7 +113,8 @@ class _Plan:
     jobs: list[str]  # names, in file order
     executions: int
     commands: list[bytes]  # restore_part commands (maybe none), then restore
-    restore_id: str = ""
+    restore_id: str
+    staged: bool = False  # parts go first
 
 
 async def restore_jobs(
@@ -157,19 +160,23 @@ def _plan(validate: Validate, data: bytes, parents: dict[str, str]) -> _Plan:
             rejected,
         )
     names = [j["name"] for j in jobs]
+    restore_id = secrets.token_hex(8)
     command = encode_command(
-        "restore", jobs=jobs, executions=executions, last_fire=content.last_fire
+        "restore",
+        id=restore_id,
+        jobs=jobs,
+        executions=executions,
+        last_fire=content.last_fire,
     )
     if len(command) <= PART_BYTES:
-        return _Plan(names, len(executions), [command])
-    restore_id = secrets.token_hex(8)
+        return _Plan(names, len(executions), [command], restore_id)
     parts = list(_parts(jobs, executions, content.last_fire))
     commands = [
         encode_command("restore_part", id=restore_id, seq=seq, part=part)
         for seq, part in enumerate(parts)
     ]
     commands.append(encode_command("restore", staged=restore_id, parts=len(parts)))
-    return _Plan(names, len(executions), commands, restore_id)
+    return _Plan(names, len(executions), commands, restore_id, staged=True)
 
 
 def _answer(
@@ -308,7 +315,7 @@ def _execution(job: str, item: Any) -> dict[str, Any]:
 # -- writing
 async def _propose(agent: Agent, plan: _Plan) -> ApplyResult:
     """Stage the parts (if any), then propose the one `restore` command."""
-    if plan.restore_id:
+    if plan.staged:
         size = sum(len(c) for c in plan.commands)
         log.info(
             "restore in parts id=%s parts=%d bytes=%d",
@@ -321,11 +328,36 @@ async def _propose(agent: Agent, plan: _Plan) -> ApplyResult:
             staged = await agent.log.propose(command)
             if not staged.ok:
                 raise CronmeshError(f"staging part {seq}: {staged.error}")
-        return await agent.log.propose(plan.commands[-1])
-    except Exception:
-        if plan.restore_id:
+        try:
+            return await agent.log.propose(plan.commands[-1])
+        except CronmeshError:
+            # Lost with the leader, or committed just before it went?
+            outcome = await _outcome(agent, plan.restore_id)
+            if outcome is None:
+                raise
+            return outcome
+    except CronmeshError:
+        if plan.staged:
             await _abandon(agent, plan.restore_id)
         raise
+
+
+async def _outcome(agent: Agent, restore_id: str) -> ApplyResult | None:
+    """The result of restore `restore_id` if it was committed (None if not),
+    once a leader confirms this server has every committed entry."""
+    for _ in range(OUTCOME_TRIES):
+        try:
+            await agent.consistent_read()
+        except CronmeshError:
+            await asyncio.sleep(1.0)  # no leader yet
+            continue
+        with agent.store.view() as view:
+            answer = view.restored(restore_id)
+        if answer is None:
+            return None
+        log.info("restore committed before the leader changed id=%s", restore_id)
+        return ApplyResult(value=json.loads(answer))
+    return None
 
 
 async def _abandon(agent: Agent, restore_id: str) -> None:

@@ -216,6 +216,10 @@ class StateMachine:
         The API validated it all before; what depends on the state (parents,
         cycles) is checked again here, against the state of this index.
         """
+        restore_id = str(cmd.get("id") or cmd.get("staged") or "")
+        answer = view.restored(restore_id) if restore_id else None
+        if answer is not None:
+            return ApplyResult(value=json.loads(answer))  # a forwarded retry
         content: dict[str, Any] = cmd
         if "staged" in cmd:
             merged = self._unstage(view, str(cmd["staged"]), int(cmd["parts"]))
@@ -241,8 +245,13 @@ class StateMachine:
         if not result.ok:
             child.abort()
             return result
+        done = StateView(self.store.data, child)
         if "staged" in cmd:
-            StateView(self.store.data, child).drop_staged(str(cmd["staged"]))
+            done.drop_staged(str(cmd["staged"]))
+        if restore_id:
+            # So a proposer cut off by a leader change can learn the outcome.
+            encoded = json.dumps(result.value, separators=(",", ":")).encode()
+            done.mark_restored(restore_id, encoded)
         child.commit()
         events.extend(new_events)
         log.info(

@@ -10,7 +10,8 @@ Tables (all in the data dir's one LMDB environment):
     outputs  exec key -> output bytes
     running  exec key -> b"" for every execution that has not finished
     staged   restore id \0 part number (8 digits) -> one part of a large
-             restore, kept until the restore commits or is abandoned
+             restore, kept until the restore commits or is abandoned;
+             restore id \0 "done" -> the answer of the newest restore
 
 An exec key is `job \\0 started-ns (20 digits) - node`, so one job's
 executions sort by start time and a prefix scan lists them.
@@ -200,8 +201,24 @@ class StateView:
             for key, value in cur:
                 if not key.startswith(prefix):
                     break
-                found.append((int(bytes(key[len(prefix) :])), bytes(value)))
+                suffix = bytes(key[len(prefix) :])
+                if suffix.isdigit():
+                    found.append((int(suffix), bytes(value)))
         return found
+
+    def mark_restored(self, restore_id: str, answer: bytes) -> None:
+        """Remember the answer of a committed restore (only the newest)."""
+        with self.txn.cursor(db=self.t["staged"]) as cur:
+            keys = [bytes(k) for k in cur.iternext(keys=True, values=False)]
+        for key in keys:
+            if key.endswith(b"\0done"):
+                self.txn.delete(key, db=self.t["staged"])
+        self.txn.put(f"{restore_id}\0done".encode(), answer, db=self.t["staged"])
+
+    def restored(self, restore_id: str) -> bytes | None:
+        """The answer of restore `restore_id`, if it is the newest committed."""
+        raw = self.txn.get(f"{restore_id}\0done".encode(), db=self.t["staged"])
+        return None if raw is None else bytes(raw)
 
     def drop_staged(self, restore_id: str | None = None) -> int:
         """Delete the parts of one restore (None: of every restore)."""
