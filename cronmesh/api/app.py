@@ -326,9 +326,10 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
     @app.get("/v1/backup")
     async def backup(request: Request) -> Response:
         from cronmesh.api.backup import capture, render
+        from cronmesh.api.restore import settled_read
 
         # Any server answers, with every write acknowledged before this call.
-        await agent.consistent_read()
+        await settled_read(agent)
         executions = _bool_query(request.query_params.get("executions"))
         captured = capture(agent.store, executions=executions)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult, encode_command
 from cronmesh.core.model import Execution, Job, execution_id, format_time, parse_time
 from cronmesh.errors import ConflictError, CronmeshError, ValidationError
@@ -40,14 +41,20 @@ from cronmesh.errors import ConflictError, CronmeshError, ValidationError
 if TYPE_CHECKING:
     from cronmesh.agent import Agent
 
-__all__ = ["FORMAT_VERSION", "PART_BYTES", "RestoreRejected", "restore_jobs"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PART_BYTES",
+    "RestoreRejected",
+    "restore_jobs",
+    "settled_read",
+]
 
 log = logging.getLogger("cronmesh.restore")
 
 FORMAT_VERSION = 1  # "cronmesh_backup" of the documents we write and read
 PART_BYTES = 1 << 20  # a restore larger than this goes in parts of this size
 
-OUTCOME_TRIES = 30  # read barriers tried after a leader change (5 s each)
+OUTCOME_TRIES = 20  # read barriers tried after a leader change, 0.5 s apart
 
 Validate = Callable[..., Job]  # Agent.validate_job
 
@@ -345,19 +352,32 @@ async def _propose(agent: Agent, plan: _Plan) -> ApplyResult:
 async def _outcome(agent: Agent, restore_id: str) -> ApplyResult | None:
     """The result of restore `restore_id` if it was committed (None if not),
     once a leader confirms this server has every committed entry."""
-    for _ in range(OUTCOME_TRIES):
+    try:
+        await settled_read(agent, OUTCOME_TRIES)
+    except CronmeshError:
+        return None
+    with agent.store.view() as view:
+        answer = view.restored(restore_id)
+    if answer is None:
+        return None
+    log.info("restore committed before the leader changed id=%s", restore_id)
+    return ApplyResult(value=json.loads(answer))
+
+
+async def settled_read(agent: Agent, tries: int = 10) -> None:
+    """A read barrier (`?consistent`), tried again while a leader is elected.
+
+    Raises:
+        NotLeaderError: still no leader confirmed the read after `tries`.
+    """
+    for attempt in range(tries):
         try:
             await agent.consistent_read()
-        except CronmeshError:
-            await asyncio.sleep(1.0)  # no leader yet
-            continue
-        with agent.store.view() as view:
-            answer = view.restored(restore_id)
-        if answer is None:
-            return None
-        log.info("restore committed before the leader changed id=%s", restore_id)
-        return ApplyResult(value=json.loads(answer))
-    return None
+            return
+        except NotLeaderError:
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def _abandon(agent: Agent, restore_id: str) -> None:
