@@ -147,6 +147,12 @@ def main() -> None:
             started = time.monotonic()
             backup = followers[-1].http.get("/v1/backup", params={"executions": "1"})
             backup_s = time.monotonic() - started
+            if backup.status_code != 200:
+                for server in servers:
+                    print(f"--- {server.name}", file=sys.stderr)
+                    text = (root / f"{server.name}.log").read_text(errors="replace")
+                    print(text[-3000:], file=sys.stderr)
+                raise SystemExit(f"backup failed: {backup.text[:500]}")
             result = {
                 "jobs": args.jobs,
                 "executions": args.jobs * args.executions,
