@@ -336,7 +336,8 @@ async def _propose(agent: Agent, plan: _Plan) -> ApplyResult:
             if not staged.ok:
                 raise CronmeshError(f"staging part {seq}: {staged.error}")
         try:
-            return await agent.log.propose(plan.commands[-1])
+            # Through the agent: a follower answers once it has the result.
+            return await agent.propose(plan.commands[-1])
         except CronmeshError:
             # Lost with the leader, or committed just before it went?
             outcome = await _outcome(agent, plan.restore_id)
