@@ -33,16 +33,24 @@ def state_of(node: AgentProcess) -> dict[str, Any]:
 
 
 def family() -> list[dict[str, Any]]:
-    """A parent with two children, one of which fails, and a loner."""
+    """A parent with two children, one of which fails, and a loner; each
+    runs on one node (Dkron's `value:count` tag)."""
+    one = {"tags": {"role": "dkron:1"}}
     return [
-        shell_job("nightly", "echo parent-out", "0 0 3 * * *", retries=1),
+        shell_job("nightly", "echo parent-out", "0 0 3 * * *", retries=1, **one),
         {
-            **shell_job("report", "echo child-out"),
+            **shell_job("report", "echo child-out", **one),
             "schedule": "",
             "parent_job": "nightly",
         },
-        {**shell_job("cleanup", "exit 3"), "schedule": "", "parent_job": "nightly"},
-        shell_job("loner", "echo alone", metadata={"k": "v"}, displayname="Loner"),
+        {
+            **shell_job("cleanup", "exit 3", **one),
+            "schedule": "",
+            "parent_job": "nightly",
+        },
+        shell_job(
+            "loner", "echo alone", metadata={"k": "v"}, displayname="Loner", **one
+        ),
     ]
 
 
