@@ -136,6 +136,9 @@ async def restore_jobs(
         RestoreRejected: a problem in the file; nothing was written.
         ConflictError: another restore replaced this one's parts.
     """
+    # The parents and the created/updated report come from this server's
+    # state: first make it as new as the leader's.
+    await settled_read(agent)
     parents = {j.name: j.parent_job for j in agent.store.list_jobs()}
     # Decoding and checking thousands of jobs takes CPU seconds; in a thread,
     # this server's loop keeps answering Raft meanwhile (a leader that goes
@@ -151,7 +154,9 @@ async def restore_jobs(
     if not result.ok:
         if result.code == 409:
             raise ConflictError(result.error)
-        raise RestoreRejected(f"file: nothing was restored: {result.error}", [])
+        if result.code == 400:
+            raise RestoreRejected(f"file: nothing was restored: {result.error}", [])
+        raise CronmeshError(f"nothing was restored: {result.error}")
     value = result.value
     return _answer(list(value["jobs"]), int(value["executions"]), dry_run=False)
 
