@@ -50,6 +50,7 @@ from cronmesh.metrics import Metrics
 from cronmesh.raft.driver import RaftSettings
 from cronmesh.rpc import agent_pb2, agent_pb2_grpc
 from cronmesh.rpc.agent_rpc import (
+    SERVER_OPTIONS,
     AgentClient,
     AgentService,
     Channels,
@@ -712,7 +713,7 @@ class Agent:
 
     async def _start_rpc(self) -> None:
         """The gRPC port of an agent without --server (servers: Cluster)."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         self._register_rpc(server)
         host, port = self.bind[0], self.config.rpc_port
         try:

@@ -34,6 +34,7 @@ from cronmesh.raft.driver import RaftDriver, RaftSettings
 from cronmesh.raft.errors import RaftError
 from cronmesh.raft.types import ConfChange, ConfChangeOp
 from cronmesh.rpc import raft_pb2, raft_pb2_grpc
+from cronmesh.rpc.agent_rpc import SERVER_OPTIONS
 from cronmesh.rpc.raft_transport import RaftTransport
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.raftlog import LmdbRaftStorage
@@ -107,9 +108,7 @@ class Cluster:
     async def start(
         self, extra_services: Callable[[grpc.aio.Server], None] | None = None
     ) -> None:
-        # Without this, gRPC binds with SO_REUSEPORT and a second agent on the
-        # same port would silently share it instead of failing.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         raft_pb2_grpc.add_RaftServicer_to_server(self.transport, server)
         if extra_services is not None:
             extra_services(server)

@@ -25,7 +25,13 @@ from cronmesh.core.fsm import ApplyResult
 from cronmesh.errors import CronmeshError
 from cronmesh.rpc import agent_pb2, agent_pb2_grpc, raft_pb2, raft_pb2_grpc
 
-__all__ = ["AgentClient", "AgentService", "ExecutionsService", "ServerLink"]
+__all__ = [
+    "SERVER_OPTIONS",
+    "AgentClient",
+    "AgentService",
+    "ExecutionsService",
+    "ServerLink",
+]
 
 log = logging.getLogger("cronmesh.rpc")
 
@@ -35,6 +41,15 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     # Forwarded API requests (a restore, a backup) can be large.
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+# Every node's gRPC server. Without so_reuseport=0 gRPC binds with
+# SO_REUSEPORT and a second agent on the same port would silently share it;
+# the size limit matches the channels' (a forwarded restore can be large).
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
