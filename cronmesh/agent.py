@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from cronmesh.core.executors.shell import dropped_tail, install_pidfd_child_watc
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
 from cronmesh.core.liveness import HEARTBEAT_INTERVAL, LivenessWatch
 from cronmesh.core.model import Execution, Job, format_time
+from cronmesh.core.notify import Notifier, NotifySettings
 from cronmesh.core.runner import Runner
 from cronmesh.core.schedule import load_zone, parse_schedule
 from cronmesh.core.scheduler import DEFAULT_CATCH_UP, Scheduler
@@ -44,6 +46,7 @@ from cronmesh.errors import (
     NotFoundError,
     ValidationError,
 )
+from cronmesh.gossip.config import profile as gossip_profile
 from cronmesh.gossip.driver import GossipDriver
 from cronmesh.gossip.keyring import KEYRING_FILE, Keyring
 from cronmesh.metrics import Metrics
@@ -116,8 +119,10 @@ class AgentConfig:
     retry_max: int = 0  # retry-join attempts before giving up (0: forever)
     encrypt: str = ""  # base64 gossip key (16, 24 or 32 bytes)
     profile: str = "lan"  # gossip timing: lan, wan or local
-    config_file: str = ""  # re-read on SIGHUP
-    cli_tags: dict[str, str] = field(default_factory=dict)  # --tag, win on reload
+    serf_reconnect_timeout: float = 86_400.0  # seconds before a failed member is reaped
+    notify: NotifySettings = field(default_factory=NotifySettings)  # mail, webhooks
+    log_json: bool = False  # log one JSON object per line
+    sources: Any = None  # cronmesh.config.ConfigSources, re-read on SIGHUP
     raft_tick: float = 0.05  # seconds; elections time out after 10-20 ticks
     # Seconds without news of a running execution before it is failed.
     execution_timeout: float = 30.0
@@ -198,10 +203,18 @@ class Agent:
             self.store, self.dispatcher, catch_up=config.catch_up_window
         )
         self.metrics = Metrics(self)
+        self.notifier = Notifier(
+            self.node_name,
+            config.notify,
+            store=self.store,
+            is_leader=self.is_leader,
+            registry=self.metrics.registry,
+        )
         self.fsm.listeners += [
             self.scheduler.on_event,
             self.dispatcher.on_event,
             self.metrics.on_event,
+            self.notifier.on_event,
         ]
         self.paused = False
         self.http_host, self.http_port = parse_addr(config.http_addr, 8080, "http-addr")
@@ -833,6 +846,7 @@ class Agent:
         config = uvicorn.Config(
             self.app,
             log_level="warning",
+            log_config=None,  # uvicorn's loggers use ours (text or JSON)
             lifespan="off",
             access_log=False,
         )
@@ -856,8 +870,11 @@ class Agent:
             self.bind,
             advertise=self.advertise if explicit else None,
             tags=self.tags,
-            profile=self.config.profile,
             keyring=keyring,
+            config=dataclasses.replace(
+                gossip_profile(self.config.profile),
+                reconnect_timeout_ms=int(self.config.serf_reconnect_timeout * 1000),
+            ),
         )
         self.gossip.add_event_handler(self._member_event)
         await self.gossip.start()
@@ -951,20 +968,15 @@ class Agent:
         )
 
     def reload(self) -> None:
-        """SIGHUP: re-read tags and log level from --config, re-announce tags."""
-        from cronmesh.cli.agent_cmd import reload_settings
+        """SIGHUP: re-read tags, log level and notification settings from the
+        sources the agent started with; re-announce tags; reload the keyring."""
+        from cronmesh.config import apply_reload
 
-        try:
-            tags, level = reload_settings(self.config)
-        except CronmeshError as exc:
-            log.error("reload failed, keeping the old settings: %s", exc)
-            return
-        self.config.tags = tags
-        logging.getLogger().setLevel(level.upper())
+        apply_reload(self.config)
+        self.notifier.configure(self.config.notify)
         self._reload_keyring()
         if self.gossip is not None:
             self.gossip.set_tags(self.tags)
-        log.info("configuration reloaded tags=%s log_level=%s", tags, level)
 
     def _reload_keyring(self) -> None:
         """Bring the live keyring in line with keyring.json (rotation)."""
@@ -998,6 +1010,7 @@ class Agent:
                 self.config.shutdown_grace,
             )
         await self.runner.stop(self.config.shutdown_grace)
+        await self.notifier.close()
         for task in list(self._background):
             task.cancel()
         if self._sweeper is not None:
