@@ -33,9 +33,15 @@ class AgentProcess:
     """A `cronmesh agent` child process with its own data dir and port."""
 
     def __init__(
-        self, data_dir: Path, *extra: str, name: str = "node1", server: bool = True
+        self,
+        data_dir: Path,
+        *extra: str,
+        name: str = "node1",
+        server: bool = True,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.server = server
+        self.env = env  # extra environment variables of the agent
         self.data_dir = data_dir
         self.name = name
         self.extra = list(extra)
@@ -70,7 +76,8 @@ class AgentProcess:
             *self.extra,
         ]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=REPO)
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=REPO, env=env)
         if wait:
             self.wait_ready()
         return self
@@ -154,9 +161,14 @@ def agent_factory(tmp_path: Path) -> Iterator[Any]:
         data_dir: Path | None = None,
         start: bool = True,
         server: bool = True,
+        env: dict[str, str] | None = None,
     ) -> AgentProcess:
         node = AgentProcess(
-            data_dir or tmp_path / f"data-{name}", *extra, name=name, server=server
+            data_dir or tmp_path / f"data-{name}",
+            *extra,
+            name=name,
+            server=server,
+            env=env,
         )
         started.append(node)
         return node.start() if start else node
