@@ -604,8 +604,6 @@ class Loaded:
             value = _get(self.config, setting.attr)
             if setting.secret and value:
                 shown = "(hidden)"
-            elif setting.key == "node-name":
-                shown = json.dumps(value)
             else:
                 shown = json.dumps(value, sort_keys=True)
             lines.append(f"{setting.key} = {shown}  # {self.origin[setting.key]}")
