@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from cronmesh.core.fsm import Event
-from cronmesh.core.model import Execution
+from cronmesh.core.model import Execution, Job
 from cronmesh.core.notify import (
     Notifier,
     NotifySettings,
@@ -147,28 +147,32 @@ def test_templates_use_dkron_fields_only() -> None:
             check_template(bad, "webhook-payload")
 
 
-def test_follower_sends_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("leading", "sends"), [(True, 1), (False, 0)])
+def test_only_the_leader_sends(tmp_path: Path, leading: bool, sends: int) -> None:
     data = DataDir(tmp_path / "d")
-    sent: list[str] = []
+    spawned: list[int] = []
 
     async def scenario() -> None:
         settings = NotifySettings(
-            webhook_endpoint="http://127.0.0.1:1/", webhook_payload="x"
+            webhook_endpoint="http://127.0.0.1:9/", webhook_payload="x"
         )
         notifier = Notifier(
-            "n1", settings, store=StateStore(data), is_leader=lambda: False
+            "n1", settings, store=StateStore(data), is_leader=lambda: leading
         )
         execution = Execution("job", datetime.now(UTC), "n1", 1)
         execution.finished_at = execution.started_at
+        # The job is not stored: it is held until its `job_deleted` (an
+        # ephemeral job's last run), which carries the job.
         notifier.on_event(Event("execution_done", "job", execution=execution))
-        sent.extend(str(t) for t in notifier._tasks)
-        await notifier.close()
+        notifier.on_event(Event("job_deleted", "job", previous=Job(name="job")))
+        spawned.append(len(notifier._tasks))
+        await notifier.close()  # cancels the send before it connects
 
     try:
         asyncio.run(scenario())
     finally:
         data.close()
-    assert sent == []
+    assert spawned == [sends]
 
 
 def test_log_lines_split_fields_and_carry_time(
@@ -230,8 +234,8 @@ def test_webhooks_follow_sighup_and_failures_are_counted(
     node.wait_for("webhook", lambda: first.bodies("/done"))
     assert first.bodies("/done") == ["hello true node1 node1"]
     assert first.bodies("/start") == ["start hello"]
-    headers = first.calls[-1][1] if first.calls[-1][0] == "/done" else first.calls[0][1]
-    assert headers["x-token"] == "a:b"
+    done = next(headers for path, headers, _ in first.calls if path == "/done")
+    assert done["x-token"] == "a:b"
     # A failed run that is retried notifies once, after its last attempt.
     _run(node, "flaky")
     node.finished("flaky", 2)

@@ -26,10 +26,10 @@ import logging
 import re
 import smtplib
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from email.message import EmailMessage
-from typing import Any
+from functools import partial
 from urllib.parse import urlsplit
 
 import httpx
@@ -215,6 +215,11 @@ class Notifier:
             "Notification mails that could not be handed to the mail server",
             registry=registry,
         )
+        self.dropped = Counter(
+            "cronmesh_notifications_dropped",
+            f"Notifications not sent because {MAX_PENDING} were pending already",
+            registry=registry,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_PARALLEL)
         self._client: httpx.AsyncClient | None = None
@@ -248,9 +253,15 @@ class Notifier:
     def _started(self, execution: Execution) -> None:
         s = self.settings
         if s.pre_webhook_endpoint and s.pre_webhook_payload:
-            body = render(s.pre_webhook_payload, self._values(execution))
+            body = self._render(s.pre_webhook_payload, execution)
             self._spawn(
-                self._post("pre", s.pre_webhook_endpoint, body, s.pre_webhook_headers)
+                partial(
+                    self._post,
+                    "pre",
+                    s.pre_webhook_endpoint,
+                    body,
+                    s.pre_webhook_headers,
+                )
             )
 
     def _done(self, job: Job, execution: Execution) -> None:
@@ -258,21 +269,25 @@ class Notifier:
             return  # the dispatcher retries it; the last attempt notifies
         s = self.settings
         if s.webhook_endpoint and s.webhook_payload:
-            body = render(s.webhook_payload, self._values(execution))
-            self._spawn(self._post("post", s.webhook_endpoint, body, s.webhook_headers))
+            body = self._render(s.webhook_payload, execution)
+            self._spawn(
+                partial(self._post, "post", s.webhook_endpoint, body, s.webhook_headers)
+            )
         if s.mail_host and s.mail_port and job.owner_email:
             if s.mail_payload:
-                text = render(s.mail_payload, self._values(execution))
+                text = self._render(s.mail_payload, execution)
             else:
                 text = execution.output
             status = "Success" if execution.success else "Failed"
             # Dkron's subject, prefix and status without a space between.
             subject = f"{s.mail_subject_prefix}{status} {job.name} execution report"
-            self._spawn(self._mail(replace(s), job.owner_email, subject, text))
+            self._spawn(partial(self._mail, replace(s), job.owner_email, subject, text))
 
-    def _values(self, execution: Execution) -> dict[str, str]:
-        return {
-            "Report": self._report(execution),
+    def _render(self, template: str, execution: Execution) -> str:
+        values = {
+            # The report reads the execution group from the store: only
+            # when the template asks for it.
+            "Report": self._report(execution) if ".Report" in template else "",
             "JobName": execution.job_name,
             "ReportingNode": self.node_name,
             "StartTime": format_time(execution.started_at) or "",
@@ -281,6 +296,7 @@ class Notifier:
             "NodeName": execution.node_name,
             "Output": execution.output,
         }
+        return render(template, values)
 
     def _report(self, execution: Execution) -> str:
         group = [
@@ -307,20 +323,19 @@ class Notifier:
         return "\n".join(lines) + "\n"
 
     # -- sending
-    def _spawn(self, send: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, send: Callable[[], Awaitable[None]]) -> None:
+        """Run `send()` in a task, at most MAX_PARALLEL at once."""
         if len(self._tasks) >= MAX_PENDING:
-            send.close()
-            log.warning(
-                "notification dropped: too many pending pending=%d", MAX_PENDING
-            )
+            self.dropped.inc()
+            log.warning("notification dropped: too many pending limit=%d", MAX_PENDING)
             return
         task = asyncio.get_running_loop().create_task(self._limited(send))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _limited(self, send: Coroutine[Any, Any, None]) -> None:
+    async def _limited(self, send: Callable[[], Awaitable[None]]) -> None:
         async with self._slots:
-            await send
+            await send()
 
     async def _post(
         self, hook: str, endpoint: str, body: str, headers: list[str]
