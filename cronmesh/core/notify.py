@@ -233,7 +233,13 @@ class Notifier:
 
     # -- the listener
     def on_event(self, event: Event) -> None:
-        """State machine listener; returns at once, sends in the background."""
+        """State machine listener; returns at once, sends in the background.
+
+        Call it in the event loop's thread (it starts tasks).
+        """
+        # Limitation: "leads" is asked when the event is applied, so around a
+        # change of leader a notification can be lost (the old leader stepped
+        # down first) or sent twice (both still believed they led).
         if not self.is_leader():
             self._orphans.clear()
             return
