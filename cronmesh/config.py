@@ -6,8 +6,8 @@ cased, the `CRONMESH_` variable), the AgentConfig attribute it sets, how
 its values are parsed, and whether SIGHUP applies it. `load` reads the
 sources from weakest to strongest (defaults < file < environment < flags),
 parses every value with the same rules wherever it came from, and names the
-source and key in any error. `tags` merge key by key in that order; every
-other setting is replaced by a stronger source.
+source and key in any error. `tags` and `peers` merge key by key in that
+order; every other setting is replaced by a stronger source.
 
 A Dkron key we know but do not implement is accepted with a warning
 (IGNORED); a key neither of us knows is an error. Keys are compared after
