@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import sys
@@ -13,12 +14,16 @@ from typing import Annotated, Any
 import typer
 
 from cronmesh.agent import RESERVED_TAGS, Agent, AgentConfig, parse_addr
+from cronmesh.api.acl import AccessList
 from cronmesh.errors import CronmeshError, ValidationError
 from cronmesh.gossip.keyring import decode_key
+from cronmesh.rpc.tls import RpcSecurity, check_http_tls
 
 __all__ = ["agent", "load_config_file"]
 
 LEVELS = ("debug", "info", "warning", "error")
+
+log = logging.getLogger("cronmesh.agent")
 
 
 def _parse_tags(values: list[str]) -> dict[str, str]:
@@ -213,6 +218,39 @@ def agent(
             "before the leader marks it failed (default: 30).",
         ),
     ] = None,
+    acl_token: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--acl-token",
+            envvar="CRONMESH_ACL_TOKENS",
+            show_envvar=True,
+            help="API token NAME:read|write:TOKEN, repeatable. Shows in ps: "
+            "prefer --acl-tokens-file or env CRONMESH_ACL_TOKENS (space-separated).",
+        ),
+    ] = None,
+    acl_tokens_file: Annotated[
+        str,
+        typer.Option(
+            "--acl-tokens-file",
+            help="File of API tokens, one NAME:SCOPE:TOKEN a line (re-read on HUP).",
+        ),
+    ] = "",
+    tls_cert: Annotated[
+        str, typer.Option("--tls-cert", help="Serve the API over HTTPS: PEM cert.")
+    ] = "",
+    tls_key: Annotated[
+        str, typer.Option("--tls-key", help="The PEM key of --tls-cert.")
+    ] = "",
+    rpc_ca: Annotated[
+        str,
+        typer.Option("--rpc-ca", help="Mutual TLS between nodes: CA of every node."),
+    ] = "",
+    rpc_cert: Annotated[
+        str, typer.Option("--rpc-cert", help="This node's PEM cert, signed by the CA.")
+    ] = "",
+    rpc_key: Annotated[
+        str, typer.Option("--rpc-key", help="The PEM key of --rpc-cert.")
+    ] = "",
 ) -> None:
     """Start a cronmesh agent (a node)."""
     try:
@@ -269,6 +307,18 @@ def agent(
             )
         parse_addr(config.http_addr, 8080, "http-addr")
         parse_addr(config.bind_addr, 8946, "bind-addr")
+        _security_settings(
+            config,
+            {
+                "acl_tokens_file": acl_tokens_file,
+                "tls_cert": tls_cert,
+                "tls_key": tls_key,
+                "rpc_ca": rpc_ca,
+                "rpc_cert": rpc_cert,
+                "rpc_key": rpc_key,
+            },
+            acl_token or [],
+        )
     except ValidationError as exc:
         sys.stderr.write(f"cronmesh agent: error: {exc}\n")
         raise typer.Exit(2) from exc
@@ -277,6 +327,8 @@ def agent(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in security_warnings(config):
+        log.warning("%s", warning)
     try:
         asyncio.run(_run(config))
     except CronmeshError as exc:
@@ -285,6 +337,54 @@ def agent(
     except OSError as exc:
         sys.stderr.write(f"cronmesh agent: error: {exc}\n")
         raise typer.Exit(1) from exc
+
+
+def _security_settings(
+    config: AgentConfig, paths: dict[str, str], tokens: list[str]
+) -> None:
+    """Set the security flags over the config file's, and check them all:
+    every file readable and well-formed, now rather than at first use."""
+    for key, value in paths.items():
+        if value:
+            setattr(config, key, value)
+    config.acl_tokens = list(tokens or config.acl_tokens)
+    AccessList.load(config.acl_tokens, config.acl_tokens_file)
+    check_http_tls(config.tls_cert, config.tls_key)
+    RpcSecurity.from_files(config.rpc_ca, config.rpc_cert, config.rpc_key)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warnings(config: AgentConfig) -> list[str]:
+    """What an operator should know about an exposed API or RPC port."""
+    found = []
+    http_host, _ = parse_addr(config.http_addr, 8080, "http-addr")
+    tokens = bool(config.acl_tokens or config.acl_tokens_file)
+    if not _is_loopback(http_host):
+        if not tokens:
+            found.append(
+                f"the HTTP API listens on {config.http_addr} without API tokens: "
+                "whoever reaches it can change and run jobs (see --acl-tokens-file)"
+            )
+        if not config.tls_cert:
+            found.append(
+                f"the HTTP API on {config.http_addr} is plain HTTP: tokens and job "
+                "definitions cross the network in clear (see --tls-cert)"
+            )
+    rpc_host, _ = parse_addr(config.bind_addr, 8946, "bind-addr")
+    if config.server and not config.rpc_ca and not _is_loopback(rpc_host):
+        found.append(
+            f"RPC between servers on {rpc_host}:{config.rpc_port} is not encrypted "
+            "nor authenticated (see --rpc-ca, --rpc-cert, --rpc-key)"
+        )
+    return found
 
 
 async def _run(config: AgentConfig) -> None:
