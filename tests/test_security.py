@@ -173,9 +173,19 @@ def test_secrets_stay_out_of_logs_errors_and_answers(
         client.get("/v1/jobs", headers={"X-Dkron-Token": guess}),
     ):
         seen.append(str(answer.headers) + answer.text)
+    # Rotation: SIGHUP re-reads the file; a broken file keeps the old tokens.
+    rotated = "rotated-read-token-5566778899"
+    secrets.append(rotated)
+    tokens_file(tmp_path, f"ops2:read:{rotated}", f"ci:write:{WRITE}")
     assert node.proc is not None
     node.proc.send_signal(signal.SIGHUP)
     node.wait_for("reload", lambda: "api tokens reloaded" in node.log())
+    assert client.get("/v1/jobs", headers={"X-Dkron-Token": READ}).status_code == 401
+    assert client.get("/v1/jobs", headers={"X-Dkron-Token": rotated}).status_code == 200
+    tokens_file(tmp_path, f"ops2:read:{rotated}", f"ci:write:{WRITE}", "broken")
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_for("refused reload", lambda: "api tokens not reloaded" in node.log())
+    assert client.get("/v1/jobs", headers={"X-Dkron-Token": rotated}).status_code == 200
     assert node.stop() == 0
     seen.append(node.log())
     # Refusals are logged at debug, by token name.
