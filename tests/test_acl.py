@@ -92,3 +92,28 @@ def test_the_api_binds_to_loopback_unless_told_otherwise() -> None:
     assert "not encrypted" in warnings
     exposed.acl_tokens_file, exposed.tls_cert, exposed.rpc_ca = "t", "c", "ca"
     assert security_warnings(exposed) == []
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_websockets_need_a_token_too() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    from cronmesh.api.acl import TokenAuth
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("hello")
+        await websocket.close()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", echo)])
+    app.add_middleware(TokenAuth, acl=AccessList.load([f"ops:read:{VALUE}"]))
+    client = TestClient(app)
+    with pytest.raises(WebSocketDisconnect) as refused:
+        with client.websocket_connect("/ws"):
+            pass
+    assert refused.value.code == 1008
+    with client.websocket_connect("/ws", headers={"X-Dkron-Token": VALUE}) as ws:
+        assert ws.receive_text() == "hello"

@@ -199,20 +199,22 @@ class TokenAuth:
         send: Callable[..., Any],
     ) -> None:
         if (
-            scope["type"] != "http"
+            scope["type"] not in ("http", "websocket")
             or not self.acl.enabled
             or scope["path"] in OPEN_PATHS
         ):
             await self.app(scope, receive, send)
             return
-        method = scope["method"]
+        # A websocket (none yet; output streaming may add one) only reads.
+        method = scope.get("method", "GET")
+        refuse = _websocket_denial(send) if scope["type"] == "websocket" else send
         where = f"{method} {scope['path']}"
         client = (scope.get("client") or ("?", 0))[0]
         presented = presented_token(scope.get("headers", []))
         if presented is None:
             log.debug("api request without token %s client=%s", where, client)
             await _deny(
-                send,
+                refuse,
                 401,
                 "missing API token: send Authorization: Bearer "
                 "<token> or X-Dkron-Token: <token>",
@@ -221,18 +223,28 @@ class TokenAuth:
         token = self.acl.match(presented)
         if token is None:
             log.debug("api request with unknown token %s client=%s", where, client)
-            await _deny(send, 401, "invalid API token")
+            await _deny(refuse, 401, "invalid API token")
             return
         if token.scope != "write" and method not in READ_METHODS:
             log.debug("api token lacks write scope token=%s %s", token.name, where)
             await _deny(
-                send,
+                refuse,
                 403,
                 f"token {token.name!r} has read scope; {where} needs a write token",
             )
             return
         scope.setdefault("state", {})["token_name"] = token.name
         await self.app(scope, receive, send)
+
+
+def _websocket_denial(send: Callable[..., Any]) -> Callable[..., Any]:
+    """`send` for a websocket, turning a denial into a refused handshake."""
+
+    async def close(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            await send({"type": "websocket.close", "code": 1008})
+
+    return close
 
 
 async def _deny(send: Callable[..., Any], status: int, message: str) -> None:
