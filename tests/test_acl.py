@@ -78,7 +78,7 @@ def test_presented_token(headers: list[tuple[bytes, bytes]], found: str | None) 
     assert presented_token(headers) == found
 
 
-def test_the_api_binds_to_loopback_unless_told_otherwise() -> None:
+def test_the_api_binds_to_loopback_unless_told_otherwise(tmp_path: Path) -> None:
     config = AgentConfig(bind_addr="127.0.0.1:8946")
     assert config.http_addr.startswith("127.0.0.1:")
     assert security_warnings(config) == []
@@ -90,7 +90,15 @@ def test_the_api_binds_to_loopback_unless_told_otherwise() -> None:
     assert "without API tokens" in warnings
     assert "plain HTTP" in warnings
     assert "not encrypted" in warnings
-    exposed.acl_tokens_file, exposed.tls_cert, exposed.rpc_ca = "t", "c", "ca"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"a:read:{VALUE}\n")
+    tokens.chmod(0o640)
+    exposed.acl_tokens_file, exposed.tls_cert, exposed.rpc_ca = str(tokens), "c", "a"
+    assert security_warnings(exposed) == [
+        f"the tokens file {tokens} is readable by group or others (mode 640); "
+        "chmod 600 it"
+    ]
+    tokens.chmod(0o600)
     assert security_warnings(exposed) == []
 
 

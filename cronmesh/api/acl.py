@@ -87,7 +87,6 @@ def parse_token(text: str, where: str) -> Token:
 def _read_tokens_file(path: Path) -> list[Token]:
     try:
         text = path.read_text()
-        mode = path.stat().st_mode
     except OSError as exc:
         raise ValidationError(
             f"--acl-tokens-file: cannot read {path}: {exc.strerror}", "acl_tokens_file"
@@ -96,12 +95,6 @@ def _read_tokens_file(path: Path) -> list[Token]:
         raise ValidationError(
             f"--acl-tokens-file: {path} is not UTF-8 text", "acl_tokens_file"
         ) from exc
-    if mode & 0o077:
-        log.warning(
-            "tokens file is readable by group or others path=%s mode=%o",
-            path,
-            mode & 0o777,
-        )
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):

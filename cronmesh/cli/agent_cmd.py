@@ -307,7 +307,7 @@ def agent(
             )
         parse_addr(config.http_addr, 8080, "http-addr")
         parse_addr(config.bind_addr, 8946, "bind-addr")
-        _security_settings(
+        token_count = _security_settings(
             config,
             {
                 "acl_tokens_file": acl_tokens_file,
@@ -327,6 +327,12 @@ def agent(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    log.info(
+        "security api_tokens=%d https=%s rpc_tls=%s",
+        token_count,
+        "on" if config.tls_cert else "off",
+        "mutual" if config.rpc_ca else "off",
+    )
     for warning in security_warnings(config):
         log.warning("%s", warning)
     try:
@@ -341,16 +347,18 @@ def agent(
 
 def _security_settings(
     config: AgentConfig, paths: dict[str, str], tokens: list[str]
-) -> None:
+) -> int:
     """Set the security flags over the config file's, and check them all:
-    every file readable and well-formed, now rather than at first use."""
+    every file readable and well-formed, now rather than at first use.
+    Returns the number of API tokens."""
     for key, value in paths.items():
         if value:
             setattr(config, key, value)
     config.acl_tokens = list(tokens or config.acl_tokens)
-    AccessList.load(config.acl_tokens, config.acl_tokens_file)
+    acl = AccessList.load(config.acl_tokens, config.acl_tokens_file)
     check_http_tls(config.tls_cert, config.tls_key)
     RpcSecurity.from_files(config.rpc_ca, config.rpc_cert, config.rpc_key)
+    return len(acl.tokens)
 
 
 def _is_loopback(host: str) -> bool:
@@ -377,6 +385,16 @@ def security_warnings(config: AgentConfig) -> list[str]:
             found.append(
                 f"the HTTP API on {config.http_addr} is plain HTTP: tokens and job "
                 "definitions cross the network in clear (see --tls-cert)"
+            )
+    if config.acl_tokens_file:
+        try:
+            mode = Path(config.acl_tokens_file).stat().st_mode & 0o777
+        except OSError:
+            mode = 0  # checked at start; reported again at first use
+        if mode & 0o077:
+            found.append(
+                f"the tokens file {config.acl_tokens_file} is readable by group or "
+                f"others (mode {mode:o}); chmod 600 it"
             )
     rpc_host, _ = parse_addr(config.bind_addr, 8946, "bind-addr")
     if config.server and not config.rpc_ca and not _is_loopback(rpc_host):
