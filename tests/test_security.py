@@ -55,7 +55,7 @@ def with_token(node: AgentProcess, token: str) -> AgentProcess:
 def app_routes() -> list[tuple[str, str]]:
     """(method, path) of every route the API serves, path parameters
     filled with names that do not exist."""
-    stub = SimpleNamespace(node_name="x", acl=AccessList([]))
+    stub = SimpleNamespace(node_name="x", acl=AccessList([]), cluster=object())
     found = []
     for route in create_app(stub).routes:  # type: ignore[arg-type]
         if not isinstance(route, APIRoute):
