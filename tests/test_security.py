@@ -343,14 +343,19 @@ def rpc_flags(authority: Authority, name: str) -> list[str]:
 
 
 def test_mutual_tls_cluster_refuses_servers_without_our_certificate(
-    agent_factory: Any, pki: SimpleNamespace
+    agent_factory: Any, pki: SimpleNamespace, tmp_path: Path
 ) -> None:
+    tokens = tokens_file(tmp_path, f"ops:read:{READ}", f"ci:write:{WRITE}")
+    secured = ["--acl-tokens-file", str(tokens)]
     good = [
-        agent_factory(*rpc_flags(pki.good, f"s{i}"), name=f"s{i}", start=False)
+        agent_factory(
+            *rpc_flags(pki.good, f"s{i}"), *secured, name=f"s{i}", start=False
+        )
         for i in (1, 2)
     ]
     for node in good:
         node.extra += ["--bootstrap-expect", "2"]
+        with_token(node, WRITE)
     good[1].extra += ["--retry-join", good[0].gossip_addr, "--retry-interval", "0.5"]
     for node in good:
         node.start(wait=False)
@@ -365,6 +370,31 @@ def test_mutual_tls_cluster_refuses_servers_without_our_certificate(
             "both jobs", lambda n=node: len(n.http.get("/v1/jobs").json()) == 2
         )
     leader = next(n for n in good if n.http.get("/v1/isleader").status_code == 200)
+    # An agent without --server, with our certificate, gets a job dispatched
+    # to it and reports the result, both over mutual TLS. The API requests
+    # it passes on to a server carry the caller's token, checked there.
+    worker = agent_factory(
+        *rpc_flags(pki.good, "w1"),
+        *secured,
+        "--tag", "role=worker",
+        "--retry-join", good[0].gossip_addr,
+        "--retry-interval", "0.5",
+        name="w1",
+        server=False,
+        start=False,
+    )  # fmt: skip
+    with_token(worker, WRITE).start()
+    job = shell_job("on-worker", "echo from-worker", tags={"role": "worker"})
+    assert leader.post_job(job).status_code == 201
+    plain = httpx.Client(base_url=worker.url, timeout=10)
+    run_path = "/v1/jobs/on-worker/run"
+    assert plain.post(run_path).status_code == 401
+    assert plain.post(run_path, headers={"X-Dkron-Token": READ}).status_code == 403
+    assert plain.get("/v1/jobs", headers={"X-Dkron-Token": READ}).status_code == 200
+    assert worker.http.post(run_path).status_code == 202
+    (run,) = leader.finished("on-worker", timeout=30)
+    assert (run["node_name"], run["success"]) == ("w1", True), run
+    assert "from-worker" in run["output"]
     # s3: a certificate from another CA; s4: no TLS at all.
     rogues = [
         agent_factory(*rpc_flags(pki.bad, "s3"), name="s3", start=False),
@@ -394,7 +424,7 @@ def test_mutual_tls_cluster_refuses_servers_without_our_certificate(
         for m in leader.http.get("/v1/members").json()
         if m["statusText"] == "alive"
     }
-    assert alive == {"s1", "s2", "s3", "s4"}
+    assert alive == {"s1", "s2", "s3", "s4", "w1"}
     peers = leader.http.get("/v1/raft/peers").json()
     assert sorted(p["ID"] for p in peers) == ["s1", "s2"]
     # The receiving side: a server refuses callers without our certificate
