@@ -85,7 +85,6 @@ def test_the_api_binds_to_loopback_unless_told_otherwise(tmp_path: Path) -> None
     hidden = AgentConfig(encrypt="a-gossip-key", acl_tokens=[f"a:read:{VALUE}"])
     assert "a-gossip-key" not in repr(hidden) and VALUE not in repr(hidden)
     exposed = AgentConfig(http_addr="0.0.0.0:8080", bind_addr="10.1.2.3:8946")
-    exposed.server = True
     warnings = " ".join(security_warnings(exposed))
     assert "without API tokens" in warnings
     assert "plain HTTP" in warnings

@@ -397,9 +397,9 @@ def security_warnings(config: AgentConfig) -> list[str]:
                 f"others (mode {mode:o}); chmod 600 it"
             )
     rpc_host, _ = parse_addr(config.bind_addr, 8946, "bind-addr")
-    if config.server and not config.rpc_ca and not _is_loopback(rpc_host):
+    if not config.rpc_ca and not _is_loopback(rpc_host):
         found.append(
-            f"RPC between servers on {rpc_host}:{config.rpc_port} is not encrypted "
+            f"RPC between nodes on {rpc_host}:{config.rpc_port} is not encrypted "
             "nor authenticated (see --rpc-ca, --rpc-cert, --rpc-key)"
         )
     return found
