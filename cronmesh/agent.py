@@ -27,6 +27,7 @@ import grpc
 import uvicorn
 
 from cronmesh import __version__
+from cronmesh.api.acl import AccessList
 from cronmesh.cluster import Cluster
 from cronmesh.core.commitlog import CommandLog, NotLeaderError
 from cronmesh.core.dispatcher import Dispatcher
@@ -61,6 +62,7 @@ from cronmesh.rpc.agent_rpc import (
     RemoteLog,
     ServerLink,
 )
+from cronmesh.rpc.tls import RpcSecurity
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.outbox import Outbox
 from cronmesh.storage.state import StateStore
@@ -117,13 +119,21 @@ class AgentConfig:
     retry_join: list[str] = field(default_factory=list)  # join until it works
     retry_interval: float = 30.0  # seconds between retry-join attempts
     retry_max: int = 0  # retry-join attempts before giving up (0: forever)
-    encrypt: str = ""  # base64 gossip key (16, 24 or 32 bytes)
+    encrypt: str = field(default="", repr=False)  # base64 gossip key (16/24/32 B)
     profile: str = "lan"  # gossip timing: lan, wan or local
     serf_reconnect_timeout: float = 86_400.0  # seconds before a failed member is reaped
     notify: NotifySettings = field(default_factory=NotifySettings)  # mail, webhooks
     log_json: bool = False  # log one JSON object per line
     sources: Any = None  # cronmesh.config.ConfigSources, re-read on SIGHUP
     raft_tick: float = 0.05  # seconds; elections time out after 10-20 ticks
+    # Security (docs/operations.md). Secrets stay out of repr and logs.
+    acl_tokens: list[str] = field(default_factory=list, repr=False)  # N:SCOPE:T
+    acl_tokens_file: str = ""  # one NAME:SCOPE:TOKEN a line; re-read on SIGHUP
+    tls_cert: str = ""  # HTTPS for the API: PEM certificate (chain) ...
+    tls_key: str = ""  # ... and its unencrypted PEM key
+    rpc_ca: str = ""  # mutual TLS between nodes: the CA that signs every node,
+    rpc_cert: str = ""  # this node's certificate (SAN: its RPC host)
+    rpc_key: str = ""  # and key; all three or none
     # Seconds without news of a running execution before it is failed.
     execution_timeout: float = 30.0
 
@@ -147,7 +157,11 @@ class Agent:
         self.bind = parse_addr(config.bind_addr, 8946, "bind-addr")
         self.advertise = advertise_address(config.advertise_addr, self.bind)
         self.gossip: GossipDriver | None = None
-        self.channels = Channels()
+        self.acl = AccessList.load(config.acl_tokens, config.acl_tokens_file)
+        self.rpc_security = RpcSecurity.from_files(
+            config.rpc_ca, config.rpc_cert, config.rpc_key
+        )
+        self.channels = Channels(self.rpc_security)
         self.link = ServerLink(self.channels, self.server_rpc_addrs, self._leader_hint)
         self.agents = AgentClient(self.channels)
         self.outbox = Outbox(self.data)
@@ -175,6 +189,7 @@ class Agent:
                 bootstrap_expect=config.bootstrap_expect,
                 left=self.servers_left,
                 settings=RaftSettings(tick=config.raft_tick),
+                security=self.rpc_security,
             )
             self.cluster.driver.on_role.append(self._leadership_changed)
             self.log = self.cluster.driver
@@ -730,7 +745,7 @@ class Agent:
         self._register_rpc(server)
         host, port = self.bind[0], self.config.rpc_port
         try:
-            bound = server.add_insecure_port(f"{host}:{port}")
+            bound = self.rpc_security.add_port(server, f"{host}:{port}")
         except RuntimeError as exc:
             raise CronmeshError(f"--rpc-port {port}: cannot listen on {host}") from exc
         if bound == 0:
@@ -849,6 +864,8 @@ class Agent:
             log_config=None,  # uvicorn's loggers use ours (text or JSON)
             lifespan="off",
             access_log=False,
+            ssl_certfile=self.config.tls_cert or None,
+            ssl_keyfile=self.config.tls_key or None,
         )
         server = _QuietServer(config)
         self._server = server
@@ -969,11 +986,16 @@ class Agent:
 
     def reload(self) -> None:
         """SIGHUP: re-read tags, log level and notification settings from the
-        sources the agent started with; re-announce tags; reload the keyring."""
+        sources the agent started with; re-announce tags; re-read the API
+        tokens file (a broken one keeps the old tokens); reload the keyring."""
         from cronmesh.config import apply_reload
 
         apply_reload(self.config)
         self.notifier.configure(self.config.notify)
+        try:
+            self.acl.reload(self.config.acl_tokens)
+        except CronmeshError as exc:
+            log.error("api tokens not reloaded, keeping the old ones: %s", exc)
         self._reload_keyring()
         if self.gossip is not None:
             self.gossip.set_tags(self.tags)

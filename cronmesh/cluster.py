@@ -36,6 +36,7 @@ from cronmesh.raft.types import ConfChange, ConfChangeOp
 from cronmesh.rpc import raft_pb2, raft_pb2_grpc
 from cronmesh.rpc.agent_rpc import SERVER_OPTIONS
 from cronmesh.rpc.raft_transport import RaftTransport
+from cronmesh.rpc.tls import RpcSecurity
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.raftlog import LmdbRaftStorage
 
@@ -71,8 +72,11 @@ class Cluster:
         bootstrap_expect: int = 1,
         left: Callable[[], set[str]] = set,
         settings: RaftSettings | None = None,
+        security: RpcSecurity | None = None,
     ) -> None:
         self.name = name
+        self.security = security or RpcSecurity()
+        self._refused: dict[str, str] = {}  # server -> why it was not added
         self.peers = peers
         self.left = left
         self.bootstrap_expect = max(bootstrap_expect, 1)
@@ -80,7 +84,11 @@ class Cluster:
         self.storage = LmdbRaftStorage(data)
         self.driver = RaftDriver(name, self.storage, fsm, settings=settings)
         self.transport = RaftTransport(
-            name, self._resolve, self.driver.deliver, self._on_propose
+            name,
+            self._resolve,
+            self.driver.deliver,
+            self._on_propose,
+            security=self.security,
         )
         self.driver.send = self.transport.send
         self.driver.forward = self.transport.propose_to
@@ -114,7 +122,7 @@ class Cluster:
             extra_services(server)
         host, port = self.rpc_bind
         try:
-            bound = server.add_insecure_port(f"{host}:{port}")
+            bound = self.security.add_port(server, f"{host}:{port}")
         except RuntimeError as exc:
             raise CronmeshError(f"--rpc-port {port}: cannot listen on {host}") from exc
         if bound == 0:
@@ -173,11 +181,9 @@ class Cluster:
         change: ConfChange | None = None
         if gone:
             change = ConfChange(ConfChangeOp.REMOVE, sorted(gone)[0])
-        elif known - membership.members:
-            change = ConfChange(
-                ConfChangeOp.ADD_LEARNER, sorted(known - membership.members)[0]
-            )
         else:
+            change = await self._addition(known - membership.members)
+        if change is None and not gone:
             for learner in sorted(membership.learners):
                 if self._caught_up(learner):
                     change = ConfChange(ConfChangeOp.PROMOTE, learner)
@@ -191,6 +197,35 @@ class Cluster:
             )
         except (RaftError, CronmeshError) as exc:
             log.debug("membership change deferred op=%s error=%s", change.op.value, exc)
+
+    async def _addition(self, new: set[str]) -> ConfChange | None:
+        """The first new server that may join, as a learner."""
+        for node_id in sorted(new):
+            if await self._admissible(node_id):
+                return ConfChange(ConfChangeOp.ADD_LEARNER, node_id)
+        return None
+
+    async def _admissible(self, node_id: str) -> bool:
+        """With mutual TLS: whether a new server passes the handshake both
+        ways, so one without a certificate from our CA never enters the Raft
+        configuration (it would count as a member it cannot be)."""
+        if not self.security.enabled:
+            return True
+        address = self._resolve(node_id)
+        reason = await self.security.check(address) if address else "no RPC address"
+        if reason is None:
+            self._refused.pop(node_id, None)
+            return True
+        if self._refused.get(node_id) != reason:
+            log.warning(
+                "server not added to raft: rpc connection failed node=%s addr=%s "
+                "reason=%s",
+                node_id,
+                address,
+                reason,
+            )
+            self._refused[node_id] = reason
+        return False
 
     def _caught_up(self, node_id: str) -> bool:
         node = self.driver.node

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from cronmesh.agent import RESERVED_TAGS, AgentConfig, parse_addr
+from cronmesh.api.acl import AccessList
 from cronmesh.core.notify import NotifySettings
 from cronmesh.errors import ValidationError
 from cronmesh.gossip.keyring import decode_key
+from cronmesh.rpc.tls import RpcSecurity, check_http_tls
 
 __all__ = [
     "IGNORED",
@@ -41,6 +43,7 @@ __all__ = [
     "Loaded",
     "Setting",
     "apply_reload",
+    "check_security",
     "default_text",
     "env_name",
     "find_config_file",
@@ -52,12 +55,13 @@ __all__ = [
 log = logging.getLogger("cronmesh.config")
 
 # Kinds of value: how text (environment) and file values are parsed.
-STR, INT, BOOL, SECONDS, LIST, TAGS, PEERS = (
+STR, INT, BOOL, SECONDS, LIST, WORDS, TAGS, PEERS = (
     "string",
     "integer",
     "boolean",
     "duration",
-    "list",
+    "list",  # text: comma-separated
+    "words",  # text: space-separated (values that may hold commas)
     "tags",
     "peers",
 )
@@ -84,7 +88,7 @@ class Setting:
 
     key: str  # file key and flag name (Dkron's spelling where Dkron has it)
     attr: str  # AgentConfig attribute; "notify.x" is config.notify.x
-    kind: str  # STR, INT, BOOL, SECONDS, LIST, TAGS or PEERS
+    kind: str  # STR, INT, BOOL, SECONDS, LIST, WORDS, TAGS or PEERS
     help: str
     dkron: bool = True  # Dkron has the same key
     flag: str = ""  # flag name when it differs from key (`--tag` for tags)
@@ -169,6 +173,63 @@ SETTINGS: tuple[Setting, ...] = (
         "encrypt",
         STR,
         "Gossip encryption key, base64 (cronmesh keygen).",
+        secret=True,
+    ),
+    Setting(
+        "acl-tokens",
+        "acl_tokens",
+        WORDS,
+        "API token NAME:SCOPE:TOKEN, SCOPE read or write (flag repeatable; "
+        "space-separated in the variable). A flag shows in ps: prefer "
+        "acl-tokens-file.",
+        dkron=False,
+        flag="acl-token",
+        secret=True,
+    ),
+    Setting(
+        "acl-tokens-file",
+        "acl_tokens_file",
+        STR,
+        "File of API tokens, one NAME:SCOPE:TOKEN a line, added to acl-tokens; "
+        "its content is re-read on SIGHUP.",
+        dkron=False,
+    ),
+    Setting(
+        "tls-cert",
+        "tls_cert",
+        STR,
+        "Serve the API over HTTPS: PEM certificate (chain).",
+        dkron=False,
+    ),
+    Setting(
+        "tls-key",
+        "tls_key",
+        STR,
+        "The PEM key of tls-cert.",
+        dkron=False,
+        secret=True,
+    ),
+    Setting(
+        "rpc-ca",
+        "rpc_ca",
+        STR,
+        "Mutual TLS between nodes: PEM CA that signs every node (with rpc-cert "
+        "and rpc-key, or none of them).",
+        dkron=False,
+    ),
+    Setting(
+        "rpc-cert",
+        "rpc_cert",
+        STR,
+        "This node's PEM certificate, signed by rpc-ca.",
+        dkron=False,
+    ),
+    Setting(
+        "rpc-key",
+        "rpc_key",
+        STR,
+        "The PEM key of rpc-cert.",
+        dkron=False,
         secret=True,
     ),
     Setting(
@@ -499,6 +560,12 @@ def parse_value(setting: Setting, value: Any, where: str) -> Any:
         result = seconds
     elif kind == LIST:
         result = _items(setting, where, value)
+    elif kind == WORDS:
+        if isinstance(value, str):
+            value = value.split()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _wrong(setting, where, "a list of strings", value)
+        result = list(value)
     else:  # TAGS, PEERS
         result = _pairs(setting, where, value)
     _check_range(setting, where, result)
@@ -728,6 +795,23 @@ def _check_whole(config: AgentConfig) -> None:
     if config.advertise_addr:
         parse_addr(config.advertise_addr, 8946, "advertise-addr")
     config.notify.validate()
+
+
+def check_security(config: AgentConfig) -> int:
+    """Read every security file now rather than at first use: the tokens
+    (entries and file), the HTTPS pair, the three mutual-TLS files.
+
+    Kept out of `load` so that SIGHUP, which re-reads the tokens file on
+    its own, keeps the other settings it reloads when that file is broken.
+    Returns the number of API tokens.
+
+    Raises:
+        ValidationError: naming the flag and file; never a token or key.
+    """
+    acl = AccessList.load(config.acl_tokens, config.acl_tokens_file)
+    check_http_tls(config.tls_cert, config.tls_key)
+    RpcSecurity.from_files(config.rpc_ca, config.rpc_cert, config.rpc_key)
+    return len(acl.tokens)
 
 
 def _get(config: AgentConfig, attr: str) -> Any:

@@ -17,6 +17,7 @@ from cronmesh.cli.main import app
 from cronmesh.config import (
     IGNORED,
     SETTINGS,
+    check_security,
     env_name,
     load,
     markdown_table,
@@ -24,6 +25,7 @@ from cronmesh.config import (
 )
 from cronmesh.errors import ValidationError
 from tests.conftest import REPO, free_port
+from tests.tls_certs import Authority
 
 
 def _clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -315,3 +317,62 @@ def test_every_setting_has_a_flag_and_is_documented() -> None:
         assert f"`{env_name(setting)}`" in docs
     for key in IGNORED:
         assert f"`{key}`" in docs
+
+
+ENV_TOKENS = "ci:write:" + "c" * 24 + " ro:read:" + "r" * 24
+FLAG_TOKEN = "ops:write:" + "o" * 24
+
+
+def test_security_settings_flag_replaces_env_tokens_file_adds(tmp_path: Path) -> None:
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("file:read:" + "f" * 24 + "\n")
+    tokens_file.chmod(0o600)
+    env = {"CRONMESH_ACL_TOKENS": ENV_TOKENS}
+    base = {"data-dir": str(tmp_path), "acl-tokens-file": str(tokens_file)}
+    from_env = load(flags=base, env=env, config_file=_empty(tmp_path)).config
+    assert [t.split(":")[0] for t in from_env.acl_tokens] == ["ci", "ro"]
+    assert check_security(from_env) == 3
+    flagged = load(
+        flags={**base, "acl-tokens": [FLAG_TOKEN]},
+        env=env,
+        config_file=_empty(tmp_path),
+    ).config
+    assert [t.split(":")[0] for t in flagged.acl_tokens] == ["ops"]
+    assert check_security(flagged) == 2
+    assert "o" * 24 not in repr(flagged)
+    ca = Authority(tmp_path / "ca", "test-ca")
+    node = ca.issue("node")
+    code, shown, err = check(
+        tmp_path,
+        "--acl-token",
+        FLAG_TOKEN,
+        "--rpc-ca",
+        str(ca.ca_file),
+        "--rpc-cert",
+        str(node.cert),
+        "--rpc-key",
+        str(node.key),
+        CRONMESH_ACL_TOKENS=ENV_TOKENS,
+    )
+    assert code == 0, err
+    assert shown["acl-tokens"] == ("(hidden)", "flag --acl-token")
+    assert shown["rpc-key"] == ("(hidden)", "flag --rpc-key")
+    assert shown["rpc-ca"] == (str(ca.ca_file), "flag --rpc-ca")
+
+
+def test_broken_security_files_stop_check_naming_flag_and_file(tmp_path: Path) -> None:
+    ca = Authority(tmp_path / "ca", "test-ca")
+    code, _, err = check(tmp_path, "--rpc-ca", str(ca.ca_file))
+    assert code == 2
+    assert "--rpc-cert" in err and "--rpc-key" in err
+    missing = tmp_path / "missing.pem"
+    code, _, err = check(
+        tmp_path, "--tls-cert", str(missing), "--tls-key", str(missing)
+    )
+    assert code == 2
+    assert f"--tls-cert: cannot read {missing}" in err
+    bad = tmp_path / "tokens"
+    bad.write_text("no-scope-here\n")
+    code, _, err = check(tmp_path, CRONMESH_ACL_TOKENS_FILE=str(bad))
+    assert code == 2
+    assert f"--acl-tokens-file {bad} line 1" in err

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cronmesh import __version__
+from cronmesh.api.acl import TokenAuth
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.model import Job
 from cronmesh.errors import (
@@ -169,6 +170,10 @@ def create_app(agent: Agent) -> FastAPI:
         from cronmesh.api.proxy import forwarding_middleware
 
         app.middleware("http")(forwarding_middleware(agent.link.http, _is_local))
+    # Added last, so outermost: in front of every route and of forwarding
+    # (the server checks a forwarded request's token again). Open while no
+    # token is configured; see cronmesh/api/acl.py.
+    app.add_middleware(TokenAuth, acl=agent.acl)
     _meta_routes(app, agent)
     _job_routes(app, agent)
     _execution_routes(app, agent)

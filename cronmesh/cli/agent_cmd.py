@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cronmesh.agent import Agent, AgentConfig
+from cronmesh.agent import Agent, AgentConfig, parse_addr
 from cronmesh.config import (
     BOOL,
     INT,
@@ -26,8 +27,10 @@ from cronmesh.config import (
     SECONDS,
     SETTINGS,
     TAGS,
+    WORDS,
     Loaded,
     Setting,
+    check_security,
     default_text,
     env_name,
     load,
@@ -35,7 +38,7 @@ from cronmesh.config import (
 from cronmesh.errors import CronmeshError, ValidationError
 from cronmesh.logs import setup_logging
 
-__all__ = ["agent"]
+__all__ = ["agent", "security_warnings"]
 
 log = logging.getLogger("cronmesh.agent")
 
@@ -56,6 +59,7 @@ def agent(**given: Any) -> None:
     }
     try:
         loaded = load(flags=flags, config_file=config_file)
+        token_count = check_security(loaded.config)
     except ValidationError as exc:
         sys.stderr.write(f"cronmesh agent: error: {exc}\n")
         raise typer.Exit(2) from exc
@@ -65,6 +69,14 @@ def agent(**given: Any) -> None:
     config = loaded.config
     setup_logging(config.log_level, json_lines=config.log_json)
     for warning in loaded.warnings:
+        log.warning("%s", warning)
+    log.info(
+        "security api_tokens=%d https=%s rpc_tls=%s",
+        token_count,
+        "on" if config.tls_cert else "off",
+        "mutual" if config.rpc_ca else "off",
+    )
+    for warning in security_warnings(config):
         log.warning("%s", warning)
     config.sources = loaded.sources
     try:
@@ -82,6 +94,50 @@ def _print_check(loaded: Loaded) -> None:
     for line in loaded.describe():
         typer.echo(line)
     typer.echo("# configuration ok")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warnings(config: AgentConfig) -> list[str]:
+    """What an operator should know about an exposed API or RPC port."""
+    found = []
+    http_host, _ = parse_addr(config.http_addr, 8080, "http-addr")
+    tokens = bool(config.acl_tokens or config.acl_tokens_file)
+    if not _is_loopback(http_host):
+        if not tokens:
+            found.append(
+                f"the HTTP API listens on {config.http_addr} without API tokens: "
+                "whoever reaches it can change and run jobs (see --acl-tokens-file)"
+            )
+        if not config.tls_cert:
+            found.append(
+                f"the HTTP API on {config.http_addr} is plain HTTP: tokens and job "
+                "definitions cross the network in clear (see --tls-cert)"
+            )
+    if config.acl_tokens_file:
+        try:
+            mode = Path(config.acl_tokens_file).stat().st_mode & 0o777
+        except OSError:
+            mode = 0  # checked at start; reported again at first use
+        if mode & 0o077:
+            found.append(
+                f"the tokens file {config.acl_tokens_file} is readable by group or "
+                f"others (mode {mode:o}); chmod 600 it"
+            )
+    rpc_host, _ = parse_addr(config.bind_addr, 8946, "bind-addr")
+    if not config.rpc_ca and not _is_loopback(rpc_host):
+        found.append(
+            f"RPC between nodes on {rpc_host}:{config.rpc_port} is not encrypted "
+            "nor authenticated (see --rpc-ca, --rpc-cert, --rpc-key)"
+        )
+    return found
 
 
 async def _run(config: AgentConfig) -> None:
@@ -123,7 +179,7 @@ def _option(setting: Setting) -> Any:
     )
     if setting.kind == INT:
         return Annotated[int | None, option]
-    if setting.kind in (LIST, TAGS, PEERS):
+    if setting.kind in (LIST, WORDS, TAGS, PEERS):
         return Annotated[list[str] | None, option]
     return Annotated[str | None, option]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -12,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["Client", "executions", "jobs_app"]
+__all__ = ["CaCertOpt", "Client", "TokenOpt", "executions", "jobs_app"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8080"
 
@@ -29,6 +31,23 @@ AddressOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+TokenOpt = Annotated[
+    str,
+    typer.Option(
+        "--token",
+        envvar="CRONMESH_TOKEN",
+        help="API token (env CRONMESH_TOKEN; the flag shows in ps, the env not).",
+        show_default=False,
+    ),
+]
+CaCertOpt = Annotated[
+    str,
+    typer.Option(
+        "--ca-cert",
+        envvar="CRONMESH_CA_CERT",
+        help="PEM CA that signed the agent's HTTPS cert (env CRONMESH_CA_CERT).",
+    ),
+]
 
 out = Console()
 
@@ -40,14 +59,23 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 class Client:
-    """A small synchronous client of an agent's HTTP API."""
+    """A small synchronous client of an agent's HTTP API.
 
-    def __init__(self, address: str) -> None:
+    `token` and `ca_cert` default to CRONMESH_TOKEN and CRONMESH_CA_CERT, so
+    every command honours them even without its own --token/--ca-cert.
+    """
+
+    def __init__(self, address: str, token: str = "", ca_cert: str = "") -> None:
         if "://" not in address:
             address = f"http://{address}"
         self.address = address.rstrip("/")
+        token = (token or os.environ.get("CRONMESH_TOKEN", "")).strip()
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        verify = _verify(ca_cert or os.environ.get("CRONMESH_CA_CERT", ""))
         try:
-            self.http = httpx.Client(base_url=self.address, timeout=30.0)
+            self.http = httpx.Client(
+                base_url=self.address, timeout=30.0, headers=headers, verify=verify
+            )
             self.http.build_request("GET", "/")
         except (httpx.InvalidURL, ValueError) as exc:
             fail(f"--address: {address!r} is not a valid URL: {exc}", 2)
@@ -69,6 +97,18 @@ class Client:
                 2 if response.status_code == 400 else 1,
             )
         return response
+
+
+def _verify(ca_cert: str) -> ssl.SSLContext | bool:
+    """Trust the system's CAs, or only the PEM file `ca_cert`."""
+    if not ca_cert:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_cert)
+    except FileNotFoundError:
+        fail(f"--ca-cert: {ca_cert} does not exist", 2)
+    except (OSError, ssl.SSLError) as exc:
+        fail(f"--ca-cert: {ca_cert} is not a readable PEM certificate: {exc}", 2)
 
 
 def _message(response: httpx.Response) -> str:
@@ -105,12 +145,14 @@ def _job_table(jobs: list[dict[str, Any]]) -> Table:
 @jobs_app.command("list")
 def list_jobs(
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
     query: Annotated[str, typer.Option("-q", "--query", help="Name contains.")] = "",
 ) -> None:
     """List jobs."""
     params = {"q": query} if query else {}
-    jobs = Client(address).call("GET", "/v1/jobs", params=params).json()
+    jobs = Client(address, token, ca_cert).call("GET", "/v1/jobs", params=params).json()
     if as_json:
         print_json(jobs)
     else:
@@ -119,10 +161,14 @@ def list_jobs(
 
 @jobs_app.command("show")
 def show(
-    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+    job: str,
+    address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
+    as_json: JsonOpt = False,
 ) -> None:
     """Show one job."""
-    data = Client(address).call("GET", f"/v1/jobs/{job}").json()
+    data = Client(address, token, ca_cert).call("GET", f"/v1/jobs/{job}").json()
     if as_json:
         print_json(data)
         return
@@ -155,10 +201,12 @@ def apply(
         typer.Option("-f", "--file", help="JSON job or list of jobs; - for stdin."),
     ],
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Create or update jobs from a JSON file."""
-    client = Client(address)
+    client = Client(address, token, ca_cert)
     stored = [
         client.call("POST", "/v1/jobs", json=job).json() for job in _load_jobs(file)
     ]
@@ -176,10 +224,14 @@ def apply(
 
 @jobs_app.command("delete")
 def delete(
-    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+    job: str,
+    address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
+    as_json: JsonOpt = False,
 ) -> None:
     """Delete a job and its executions."""
-    data = Client(address).call("DELETE", f"/v1/jobs/{job}").json()
+    data = Client(address, token, ca_cert).call("DELETE", f"/v1/jobs/{job}").json()
     if as_json:
         print_json(data)
     else:
@@ -188,10 +240,14 @@ def delete(
 
 @jobs_app.command("run")
 def run(
-    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+    job: str,
+    address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
+    as_json: JsonOpt = False,
 ) -> None:
     """Run a job now (returns once the run has started)."""
-    response = Client(address).call("POST", f"/v1/jobs/{job}/run")
+    response = Client(address, token, ca_cert).call("POST", f"/v1/jobs/{job}/run")
     exec_id = response.headers.get("X-Execution-Id", "")
     if as_json:
         print_json({"job": job, "execution_id": exec_id})
@@ -201,10 +257,14 @@ def run(
 
 @jobs_app.command("toggle")
 def toggle(
-    job: str, address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False
+    job: str,
+    address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
+    as_json: JsonOpt = False,
 ) -> None:
     """Enable a disabled job, or disable an enabled one."""
-    data = Client(address).call("POST", f"/v1/jobs/{job}/toggle").json()
+    data = Client(address, token, ca_cert).call("POST", f"/v1/jobs/{job}/toggle").json()
     if as_json:
         print_json(data)
     else:
@@ -215,6 +275,8 @@ def toggle(
 def executions(
     job: str,
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Newest N.")] = 20,
     output: Annotated[bool, typer.Option("--output", help="Show each output.")] = False,
@@ -222,7 +284,9 @@ def executions(
     """List the executions of a job, newest first."""
     params = {"_end": str(limit)}
     data = (
-        Client(address).call("GET", f"/v1/jobs/{job}/executions", params=params).json()
+        Client(address, token, ca_cert)
+        .call("GET", f"/v1/jobs/{job}/executions", params=params)
+        .json()
     )
     if as_json:
         print_json(data)

@@ -7,8 +7,10 @@ from rich.table import Table
 from cronmesh.cli.client import (
     DEFAULT_ADDRESS,
     AddressOpt,
+    CaCertOpt,
     Client,
     JsonOpt,
+    TokenOpt,
     out,
     print_json,
 )
@@ -17,9 +19,14 @@ from cronmesh.gossip.keyring import generate_key
 __all__ = ["keygen", "leave", "members"]
 
 
-def members(address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False) -> None:
+def members(
+    address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
     """List the members of the gossip mesh and their state."""
-    found = Client(address).call("GET", "/v1/members").json()
+    found = Client(address, token, ca_cert).call("GET", "/v1/members").json()
     if as_json:
         print_json(found)
         return
@@ -41,9 +48,14 @@ def members(address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False) -> 
     out.print(table)
 
 
-def leave(address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False) -> None:
+def leave(
+    address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
     """Make an agent leave the cluster gracefully and stop."""
-    peers = Client(address).call("POST", "/v1/leave").json()
+    peers = Client(address, token, ca_cert).call("POST", "/v1/leave").json()
     if as_json:
         print_json({"left": True, "servers": peers})
     else:

@@ -17,8 +17,10 @@ from typer.core import TyperGroup
 from cronmesh.cli.client import (
     DEFAULT_ADDRESS,
     AddressOpt,
+    CaCertOpt,
     Client,
     JsonOpt,
+    TokenOpt,
     fail,
     out,
     print_json,
@@ -52,13 +54,15 @@ def logs(
     job: str,
     execution_id: str,
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     follow: Annotated[
         bool,
         typer.Option("--follow", "-f", help="Stream the output until the run ends."),
     ] = False,
 ) -> None:
     """Print the output of one execution (so far, if it runs)."""
-    client = Client(address)
+    client = Client(address, token, ca_cert)
     path = f"/v1/jobs/{job}/executions/{execution_id}/output"
     if not follow:
         sys.stdout.write(client.call("GET", path).text)
@@ -82,11 +86,13 @@ def kill(
     job: str,
     execution_id: str,
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Stop a running execution (its whole process group) on its node."""
     data = (
-        Client(address)
+        Client(address, token, ca_cert)
         .call("POST", f"/v1/jobs/{job}/executions/{execution_id}/kill")
         .json()
     )

@@ -12,8 +12,10 @@ from rich.table import Table
 from cronmesh.cli.client import (
     DEFAULT_ADDRESS,
     AddressOpt,
+    CaCertOpt,
     Client,
     JsonOpt,
+    TokenOpt,
     fail,
     out,
     print_json,
@@ -42,9 +44,14 @@ def _table(rows: list[dict[str, object]]) -> Table:
 
 
 @app.command("list-peers")
-def list_peers(address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False) -> None:
+def list_peers(
+    address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
     """List the servers of the Raft configuration and who leads."""
-    rows = Client(address).call("GET", "/v1/raft/peers").json()
+    rows = Client(address, token, ca_cert).call("GET", "/v1/raft/peers").json()
     if as_json:
         print_json(rows)
     else:
@@ -55,10 +62,16 @@ def list_peers(address: AddressOpt = DEFAULT_ADDRESS, as_json: JsonOpt = False) 
 def remove_peer(
     peer_id: Annotated[str, typer.Option("--peer-id", help="Server to remove.")],
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a failed server from the Raft configuration (ask the leader)."""
-    rows = Client(address).call("DELETE", f"/v1/raft/peers/{peer_id}").json()
+    rows = (
+        Client(address, token, ca_cert)
+        .call("DELETE", f"/v1/raft/peers/{peer_id}")
+        .json()
+    )
     if as_json:
         print_json(rows)
     else:

@@ -24,6 +24,7 @@ from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult
 from cronmesh.errors import CronmeshError
 from cronmesh.rpc import agent_pb2, agent_pb2_grpc, raft_pb2, raft_pb2_grpc
+from cronmesh.rpc.tls import RpcSecurity
 
 __all__ = [
     "SERVER_OPTIONS",
@@ -58,13 +59,14 @@ SERVER_OPTIONS = [
 class Channels:
     """One cached channel per address (the one place channels are opened)."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: RpcSecurity | None = None) -> None:
+        self.security = security or RpcSecurity()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self.security.channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
         return channel
 

@@ -32,6 +32,7 @@ from cronmesh.raft.messages import (
     encode,
 )
 from cronmesh.rpc import raft_pb2, raft_pb2_grpc
+from cronmesh.rpc.tls import RpcSecurity
 
 __all__ = ["RaftTransport"]
 
@@ -52,8 +53,9 @@ ProposeHandler = Callable[[bytes], Awaitable[raft_pb2.ProposeReply]]
 
 
 class _Peer:
-    def __init__(self, peer_id: str) -> None:
+    def __init__(self, peer_id: str, security: RpcSecurity) -> None:
         self.peer_id = peer_id
+        self.security = security
         self.address = ""
         self.channel: grpc.aio.Channel | None = None
         self.stub: raft_pb2_grpc.RaftStub | None = None
@@ -66,7 +68,7 @@ class _Peer:
             if self.channel is not None:
                 self.closing = asyncio.ensure_future(self.channel.close())
             self.address = address
-            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channel = self.security.channel(address, options=CHANNEL_OPTIONS)
             self.stub = raft_pb2_grpc.RaftStub(self.channel)
         return self.stub
 
@@ -80,8 +82,10 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         resolve: Callable[[str], str | None],
         on_message: Callable[[Message], None],
         on_propose: ProposeHandler | None = None,
+        security: RpcSecurity | None = None,
     ) -> None:
         self.node_id = node_id
+        self.security = security or RpcSecurity()
         self.resolve = resolve
         self.on_message = on_message
         self.on_propose = on_propose
@@ -93,7 +97,7 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
     def send(self, msg: Message) -> None:
         peer = self._peers.get(msg.to)
         if peer is None:
-            peer = self._peers[msg.to] = _Peer(msg.to)
+            peer = self._peers[msg.to] = _Peer(msg.to, self.security)
             peer.task = asyncio.create_task(
                 self._deliver(peer), name=f"raft-to-{msg.to}"
             )
@@ -140,7 +144,7 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         if not address:
             raise RemoteError(f"no address known for server {peer_id!r}")
         peer = self._peers.get(peer_id) or self._peers.setdefault(
-            peer_id, _Peer(peer_id)
+            peer_id, _Peer(peer_id, self.security)
         )
         if peer.task is None:
             peer.task = asyncio.create_task(
