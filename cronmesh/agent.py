@@ -124,7 +124,8 @@ class AgentConfig:
     serf_reconnect_timeout: float = 86_400.0  # seconds before a failed member is reaped
     notify: NotifySettings = field(default_factory=NotifySettings)  # mail, webhooks
     log_json: bool = False  # log one JSON object per line
-    sources: Any = None  # cronmesh.config.ConfigSources, re-read on SIGHUP
+    # cronmesh.config.ConfigSources, re-read on SIGHUP; its flags hold secrets.
+    sources: Any = field(default=None, repr=False)
     raft_tick: float = 0.05  # seconds; elections time out after 10-20 ticks
     # Security (docs/operations.md). Secrets stay out of repr and logs.
     acl_tokens: list[str] = field(default_factory=list, repr=False)  # N:SCOPE:T

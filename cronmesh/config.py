@@ -652,7 +652,8 @@ class ConfigSources:
     """Where settings came from; kept by the agent so SIGHUP can re-read."""
 
     file: str = ""  # the file read ("" for none)
-    flags: dict[str, Any] = field(default_factory=dict)  # key -> value given
+    # key -> value given; out of repr, since it may hold tokens and passwords
+    flags: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass

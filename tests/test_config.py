@@ -332,13 +332,15 @@ def test_security_settings_flag_replaces_env_tokens_file_adds(tmp_path: Path) ->
     from_env = load(flags=base, env=env, config_file=_empty(tmp_path)).config
     assert [t.split(":")[0] for t in from_env.acl_tokens] == ["ci", "ro"]
     assert check_security(from_env) == 3
-    flagged = load(
+    loaded = load(
         flags={**base, "acl-tokens": [FLAG_TOKEN]},
         env=env,
         config_file=_empty(tmp_path),
-    ).config
+    )
+    flagged = loaded.config
     assert [t.split(":")[0] for t in flagged.acl_tokens] == ["ops"]
     assert check_security(flagged) == 2
+    flagged.sources = loaded.sources  # as the agent keeps them for SIGHUP
     assert "o" * 24 not in repr(flagged)
     ca = Authority(tmp_path / "ca", "test-ca")
     node = ca.issue("node")
