@@ -230,6 +230,8 @@ class GossipCore:
         self._request_id = 0
         self._leaving = False
         self._src: tuple[str, int] | None = None  # sender of the packet at hand
+        self._joins: set[int] = set()  # request ids of our own join push-pulls
+        self._merging_join = False  # merging the answer to one of them
         self._start_timers(now_ms)
         self._broadcast(name, self._alive_message())
 
@@ -363,6 +365,8 @@ class GossipCore:
         """Report how a ``tcp_requests`` entry went (``None``: it failed)."""
         self._begin(now_ms)
         entry = self._pending.pop(request_id, None)
+        joining = request_id in self._joins
+        self._joins.discard(request_id)
         if entry is None or reply is None:
             return self._finish()
         try:
@@ -374,7 +378,11 @@ class GossipCore:
         if seq is not None and isinstance(msg, Ack) and msg.seq == seq:
             self._handle_ack(msg)
         elif seq is None and isinstance(msg, PushPull):
-            self._merge_state(msg)
+            self._merging_join = joining
+            try:
+                self._merge_state(msg)
+            finally:
+                self._merging_join = False
         return self._finish()
 
     def join(self, now_ms: int, seeds: Sequence[tuple[str, int]]) -> Batch:
@@ -465,6 +473,8 @@ class GossipCore:
 
     def _request_push_pull(self, host: str, port: int, join: bool) -> None:
         request_id = self._new_request(None)
+        if join:
+            self._joins.add(request_id)
         payload = encode_stream(self._local_state(join), self.keyring)
         self._out.tcp_requests.append(
             PushPullRequest(request_id, host, port, payload, join)
@@ -708,6 +718,7 @@ class GossipCore:
         cfg, now = self.config, self._now
         self._next_reap_ms = now + cfg.reap_interval_ms
         self._pending = {i: e for i, e in self._pending.items() if e[0] > now}
+        self._joins &= self._pending.keys()
         for node in [n for n in self._nodes.values() if n.state in _GONE]:
             keep = cfg.reconnect_timeout_ms
             if node.state == _LEFT:
@@ -777,15 +788,17 @@ class GossipCore:
         # Limitation: a dead or left member's name can move to a new address
         # at once (memberlist waits DeadNodeReclaimTime before allowing it).
         if moved and node.state not in _GONE:
-            # Two live members claim one name: keep the one we know.
-            # Limitation: the application is not told about the conflict
-            # (memberlist has a conflict delegate); it only shows in logs.
-            logger.debug(
-                "address conflict node=%s peer=%s addr=%s:%d",
-                self.name,
+            # Two live members claim one name: keep the one we know (the
+            # newcomer learns of it when it joins, see _alive_about_self).
+            logger.warning(
+                "name conflict: %s is claimed by %s:%d and %s:%d; keeping the "
+                "member known first node=%s",
                 msg.node,
+                node.host,
+                node.port,
                 msg.host,
                 msg.port,
+                self.name,
             )
             return
         if msg.incarnation <= node.incarnation and not moved:
@@ -823,10 +836,34 @@ class GossipCore:
 
     def _alive_about_self(self, msg: Alive) -> None:
         me = self._self
-        if self._leaving or msg.incarnation < me.incarnation:
+        if self._leaving:
             return
-        same = msg.meta == me.meta and (msg.host, msg.port) == (me.host, me.port)
-        if msg.incarnation == me.incarnation and same:
+        moved = (msg.host, msg.port) != (me.host, me.port)
+        if moved and self._merging_join:
+            # The mesh we are joining has a live member with our name at
+            # another address: we are the newcomer, so we yield (serf asks
+            # the members and shuts the loser down; the first one wins here).
+            claim = Member(
+                msg.node, msg.host, msg.port, msg.incarnation, msg.meta, _ALIVE, 0
+            )
+            logger.warning(
+                "name conflict: a live member named %s is at %s:%d already",
+                msg.node,
+                msg.host,
+                msg.port,
+            )
+            self._out.events.append(MemberEvent(EventKind.CONFLICT, claim))
+            return
+        if moved:
+            logger.warning(
+                "name conflict: %s:%d claims our name %s; keeping ours",
+                msg.host,
+                msg.port,
+                self.name,
+            )
+        if msg.incarnation < me.incarnation:
+            return
+        if msg.incarnation == me.incarnation and msg.meta == me.meta and not moved:
             return
         # Someone holds a different or newer claim about us (for example
         # from before a restart): override it.
