@@ -67,7 +67,16 @@ from cronmesh.storage.state import StateStore
 __all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
 
 # Tags the agent sets itself; `--tag` may not set them.
-RESERVED_TAGS = ("dc", "region", "server", "rpc_addr", "port", "version", "expect")
+RESERVED_TAGS = (
+    "dc",
+    "region",
+    "server",
+    "rpc_addr",
+    "port",
+    "version",
+    "expect",
+    "cluster",
+)
 
 log = logging.getLogger("cronmesh.agent")
 
@@ -183,6 +192,8 @@ class Agent:
                 self.server_peers,
                 bootstrap_expect=config.bootstrap_expect,
                 left=self.servers_left,
+                identities=self.server_identities,
+                on_identity=self._identity_changed,
                 settings=RaftSettings(tick=config.raft_tick),
                 security=self.rpc_security,
             )
@@ -224,12 +235,16 @@ class Agent:
         self._server: uvicorn.Server | None = None
         self._background: set[asyncio.Task[object]] = set()
         self.exit_error = ""
+        self.name_conflict = ""  # set when another member holds our name
         self._reaped: set[str] = set()
 
     # -- identity
     @property
     def tags(self) -> dict[str, str]:
         host = self.advertise[0]
+        # `cluster`: the id of a server's Raft cluster (cluster.py), "" while
+        # it has none.
+        ours = {"cluster": self.cluster.cluster_id} if self.cluster else {}
         # `role` is Dkron's member marker, but users target jobs with it
         # (`"role": "worker:1"`), so a user's value wins; the rest are ours.
         return {
@@ -242,6 +257,7 @@ class Agent:
             "rpc_addr": f"{host}:{self.config.rpc_port}",
             "port": str(self.config.rpc_port),
             "expect": str(self.config.bootstrap_expect),
+            **ours,
         }
 
     def is_leader(self) -> bool:
@@ -254,9 +270,10 @@ class Agent:
 
     def problems(self) -> list[str]:
         """What keeps this node from working, for /health."""
-        if self.cluster is not None and self.cluster.driver.broken:
-            return [self.cluster.driver.broken]
-        return []
+        found = [self.name_conflict] if self.name_conflict else []
+        if self.cluster is not None:
+            found += self.cluster.problems()
+        return found
 
     def leader_name(self) -> str | None:
         if self.cluster is None:
@@ -435,6 +452,23 @@ class Agent:
                 if member.tags.get("server") == "true" and member.tags.get("rpc_addr"):
                     peers[member.name] = member.tags["rpc_addr"]
         return peers
+
+    def server_identities(self) -> dict[str, str]:
+        """The other servers alive in the mesh and their cluster ids ("" for
+        a server that has none yet)."""
+        if self.gossip is None:
+            return {}
+        return {
+            m.name: m.tags.get("cluster", "")
+            for m in self.gossip.members()
+            if m.name != self.node_name
+            and m.status == "alive"
+            and m.tags.get("server") == "true"
+        }
+
+    def _identity_changed(self, cluster_id: str) -> None:
+        if self.gossip is not None and self.gossip.started:
+            self.gossip.set_tags(self.tags)
 
     def servers_left(self) -> set[str]:
         """Servers to remove from Raft: they left the mesh gracefully, or
@@ -884,9 +918,12 @@ class Agent:
             self.gossip.set_tags(self.tags)
         if self.config.join:
             joined = await self.gossip.join(self.config.join)
+            if self.name_conflict:
+                raise CronmeshError(self.name_conflict)
             if not joined:
                 raise CronmeshError(
-                    f"--join: no member answered at {', '.join(self.config.join)}"
+                    f"--join: no member answered: "
+                    f"{self.gossip.join_failure(self.config.join)}"
                 )
         known = self._remembered_members()
         if known:
@@ -948,6 +985,9 @@ class Agent:
 
     def _member_event(self, kind: str, member: Any) -> None:
         self._candidate_cache = self._server_cache = None
+        if kind == "conflict":
+            self._name_taken(member)
+            return
         if kind in ("join", "update"):
             self._remember_members()
         if kind == "reap" and member.tags.get("server") == "true":
@@ -966,6 +1006,17 @@ class Agent:
             member.addr,
             member.port,
         )
+
+    def _name_taken(self, member: Any) -> None:
+        """Joining, we met a live member with our name: we give way."""
+        self.name_conflict = (
+            f"--node-name {self.node_name}: a live member of the mesh at "
+            f"{member.addr}:{member.port} already has this name; every agent "
+            f"needs its own name"
+        )
+        log.error("refusing to run: %s", self.name_conflict)
+        self.exit_error = self.name_conflict
+        self.stop()
 
     def reload(self) -> None:
         """SIGHUP: re-read tags and log level from --config, re-announce tags."""
@@ -1029,7 +1080,10 @@ class Agent:
             await self._rpc_server.stop(1)
         await self.channels.close()
         if self.gossip is not None:
-            await self.gossip.leave(timeout=3.0)
+            # After a name conflict a "left" under our name would be taken
+            # as news about the member that owns the name: say nothing.
+            if not self.name_conflict:
+                await self.gossip.leave(timeout=3.0)
             await self.gossip.stop()
         if self._server is not None:
             self._server.should_exit = True

@@ -287,12 +287,9 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
     async def remove_peer(request: Request, peer_id: str) -> Response:
         if agent.cluster is None:
             raise NotFoundError("this agent is not a server: it has no Raft peers")
-        if not agent.is_leader():
-            raise NotLeaderError(agent.leader_name() or "")
-        if peer_id not in agent.cluster.driver.membership.members:
-            raise NotFoundError(f"{peer_id!r} is not in the Raft configuration")
-        await agent.cluster.remove_peer(peer_id)
-        return _reply(request, agent.cluster.peers_table())
+        # Any server: a follower passes it on to the leader.
+        rows = await agent.cluster.remove_peer(peer_id)
+        return _reply(request, rows)
 
     @app.get("/v1/busy")
     async def busy(request: Request) -> Response:

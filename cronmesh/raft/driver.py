@@ -96,10 +96,19 @@ class RaftDriver:
             or self.storage.stable.snapshot() is not None
         )
 
-    def bootstrap(self, voters: set[str]) -> None:
-        """Write the first configuration of a new cluster (founders only)."""
-        bootstrap(self.storage.log, self.storage.stable, voters)
-        log.info("raft bootstrapped node_id=%s voters=%s", self.node_id, sorted(voters))
+    def bootstrap(self, voters: set[str], cluster_id: str = "") -> None:
+        """Write the first configuration of a new cluster (founders only),
+        with the new cluster's id when one is given."""
+        if cluster_id:
+            self.storage.bootstrap(voters, cluster_id)
+        else:
+            bootstrap(self.storage.log, self.storage.stable, voters)
+        log.info(
+            "raft bootstrapped node_id=%s voters=%s cluster_id=%s",
+            self.node_id,
+            sorted(voters),
+            cluster_id,
+        )
 
     def start(self) -> None:
         config = RaftConfig(

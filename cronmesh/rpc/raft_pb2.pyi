@@ -5,21 +5,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RaftMessage(_message.Message):
-    __slots__ = ("payload",)
+    __slots__ = ("payload", "cluster_id")
     FROM_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
-    def __init__(self, payload: _Optional[bytes] = ..., **kwargs) -> None: ...
+    cluster_id: str
+    def __init__(self, payload: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., **kwargs) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("command",)
+    __slots__ = ("command", "cluster_id")
     COMMAND_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     command: bytes
-    def __init__(self, command: _Optional[bytes] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, command: _Optional[bytes] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class ProposeReply(_message.Message):
     __slots__ = ("code", "error", "value", "leader")

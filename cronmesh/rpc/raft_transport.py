@@ -10,6 +10,12 @@ keeps pipelined AppendEntries from arriving shuffled in the common case.
 Received messages are decoded here and handed to `on_message`; a payload
 that does not decode is a peer's fault (RemoteError), answered with
 INVALID_ARGUMENT and never passed on.
+
+Every request carries the sender's cluster id (`cluster_id`, read when
+sending). `admit(sender, cluster_id)`, when set, vets each received request
+first: a reason it returns refuses the request with FAILED_PRECONDITION
+(counted in `refused`), so a server of another cluster never reaches the
+Raft core.
 """
 
 from __future__ import annotations
@@ -92,6 +98,9 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         self._peers: dict[str, _Peer] = {}
         self.dropped = 0
         self.received = 0
+        self.cluster_id: Callable[[], str] = lambda: ""
+        self.admit: Callable[[str, str], str | None] = lambda sender, cluster: None
+        self.refused = 0
 
     # -- sending
     def send(self, msg: Message) -> None:
@@ -122,7 +131,10 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
                 log.debug("raft send failed peer=%s code=%s", peer.peer_id, exc.code())
 
     async def _call(self, stub: raft_pb2_grpc.RaftStub, msg: Message) -> None:
-        request = raft_pb2.RaftMessage(**{"from": self.node_id, "payload": encode(msg)})
+        request = raft_pb2.RaftMessage(
+            **{"from": self.node_id, "payload": encode(msg)},
+            cluster_id=self.cluster_id(),
+        )
         if isinstance(msg, AppendEntries):
             await stub.AppendEntries(request, timeout=CALL_TIMEOUT)
         elif isinstance(msg, RequestVote):
@@ -152,7 +164,8 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
             )
         stub = peer.connect(address)
         reply: raft_pb2.ProposeReply = await stub.Propose(
-            raft_pb2.ProposeRequest(command=command), timeout=CALL_TIMEOUT * 2
+            raft_pb2.ProposeRequest(command=command, cluster_id=self.cluster_id()),
+            timeout=CALL_TIMEOUT * 2,
         )
         return reply
 
@@ -167,7 +180,14 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         self._peers.clear()
 
     # -- receiving
+    def _vet(self, sender: str, cluster_id: str) -> None:
+        reason = self.admit(sender, cluster_id)
+        if reason:
+            self.refused += 1
+            raise _Refused(reason)
+
     def _receive(self, request: raft_pb2.RaftMessage) -> None:
+        self._vet(getattr(request, "from"), request.cluster_id)
         try:
             msg = decode(request.payload)
         except Exception as exc:  # the codec's own error types vary
@@ -183,6 +203,8 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
     ) -> raft_pb2.Ack:
         try:
             self._receive(request)
+        except _Refused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except RemoteError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return raft_pb2.Ack()
@@ -200,6 +222,8 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         async for request in request_iterator:
             try:
                 self._receive(request)
+            except _Refused as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             except RemoteError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return raft_pb2.Ack()
@@ -210,4 +234,13 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         if self.on_propose is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not a server")
         assert self.on_propose is not None
+        if request.cluster_id:  # agents that are not servers send none
+            try:
+                self._vet("", request.cluster_id)
+            except _Refused as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return await self.on_propose(request.command)
+
+
+class _Refused(RemoteError):
+    """A request from a server of another cluster (see `RaftTransport.admit`)."""

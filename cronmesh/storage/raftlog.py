@@ -6,6 +6,7 @@ Layout, all in the data dir's one LMDB environment (``DataDir``):
     raft_meta  b"first_index" -> 8-byte BE index of the first live entry
                b"hard_state"  -> term (8) | commit (8) | has_vote (1) | vote utf-8
                b"snapshot"    -> index (8) | term (8) of the current snapshot
+               b"cluster_id"  -> utf-8 id of the cluster this server belongs to
 
 and, in ``snapshot_dir``, one file per saved snapshot, named
 ``snapshot-<index:020>-<term:020>.snap``::
@@ -66,6 +67,7 @@ from cronmesh.raft.types import (
     Entry,
     EntryKind,
     HardState,
+    Membership,
     Snapshot,
     SnapshotMeta,
     decode_config_entry,
@@ -82,6 +84,7 @@ META_TABLE = "raft_meta"
 FIRST_KEY = b"first_index"
 HARD_KEY = b"hard_state"
 SNAP_KEY = b"snapshot"
+CLUSTER_KEY = b"cluster_id"
 
 _U64 = struct.Struct(">Q")
 _ENTRY_HEAD = struct.Struct(">QB")  # term, kind; data follows
@@ -404,6 +407,8 @@ class LmdbStableStore:
         with data.read() as txn:
             raw_hs = txn.get(HARD_KEY, db=self._meta_db)
             raw_ptr = txn.get(SNAP_KEY, db=self._meta_db)
+            raw_id = txn.get(CLUSTER_KEY, db=self._meta_db)
+        self._cluster_id = bytes(raw_id).decode() if raw_id else ""
         self._hard_state = _decode_hard_state(raw_hs) if raw_hs else HardState()
         pointer = _SNAP_PTR.unpack(raw_ptr) if raw_ptr else None
         self._snapshot = self._load_snapshot(pointer)
@@ -420,6 +425,23 @@ class LmdbStableStore:
 
     def _stage_hard_state(self, txn: lmdb.Transaction, state: HardState) -> None:
         txn.put(HARD_KEY, _encode_hard_state(state), db=self._meta_db)
+
+    # -- cluster identity
+    def cluster_id(self) -> str:
+        """The id of the cluster this server belongs to; "" when none yet."""
+        return self._cluster_id
+
+    def save_cluster_id(self, cluster_id: str) -> None:
+        _write(
+            self._data,
+            lambda txn: self._stage_cluster_id(txn, cluster_id),
+            "cluster id",
+            64,
+        )
+        self._cluster_id = cluster_id
+
+    def _stage_cluster_id(self, txn: lmdb.Transaction, cluster_id: str) -> None:
+        txn.put(CLUSTER_KEY, cluster_id.encode(), db=self._meta_db)
 
     # -- snapshots
     def snapshot(self) -> Snapshot | None:
@@ -691,6 +713,30 @@ class LmdbRaftStorage:
             ready.truncate_from,
             log_store.last_index(),
         )
+
+    def bootstrap(self, voters: set[str], cluster_id: str) -> None:
+        """``raft.storage.bootstrap`` plus the cluster id, in one commit, so a
+        crash leaves either a founder with both or a fresh server.
+
+        Raises:
+            InvariantViolation: this server has Raft state already.
+            StorageError: LMDB failed; nothing was written.
+        """
+        log_store, stable = self.log, self.stable
+        if log_store.last_index() != 0 or stable.hard_state() != HardState():
+            raise InvariantViolation("raft: bootstrap on a server that has state")
+        data = encode_config_entry(Membership(frozenset(voters)), None)
+        entry = Entry(1, 1, EntryKind.CONFIG, data)
+        hard = HardState(term=1)
+
+        def stage(txn: lmdb.Transaction, st: _LogState) -> None:
+            log_store._stage_append(txn, st, [entry], None)
+            stable._stage_hard_state(txn, hard)
+            stable._stage_cluster_id(txn, cluster_id)
+
+        log_store._commit(stage, "bootstrap", len(data) + 64)
+        stable._hard_state = hard
+        stable._cluster_id = cluster_id
 
     def close(self) -> None:
         """Close the data dir (the stores are unusable afterwards)."""
