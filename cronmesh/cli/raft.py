@@ -66,7 +66,8 @@ def remove_peer(
     ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove a failed server from the Raft configuration (ask the leader)."""
+    """Remove a failed server from the Raft configuration (any server; a live
+    server is refused: stop it first)."""
     rows = (
         Client(address, token, ca_cert)
         .call("DELETE", f"/v1/raft/peers/{peer_id}")
