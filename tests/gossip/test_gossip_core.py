@@ -401,3 +401,22 @@ def test_core_fed_valid_but_hostile_messages_never_raises(
         a.tick(now)
         assert a.next_deadline_ms() > now - 1  # tick cleared what was due
     assert a.local_member.state == MemberState.ALIVE
+
+
+def test_a_newcomer_with_a_taken_name_gets_a_conflict_and_the_owner_keeps_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    owner, helper = make(1), make(2)
+    push_pull(helper, owner)
+    twin = GossipCore("n1", "10.0.0.9", PORT, config=CFG, rng=random.Random(9))
+    with caplog.at_level(logging.WARNING, logger="cronmesh.gossip"):
+        served, joined = push_pull(twin, helper)
+    conflicts = [e for e in joined.events if e.kind is EventKind.CONFLICT]
+    assert [(e.member.name, e.member.host) for e in conflicts] == [("n1", "10.0.0.1")]
+    assert not served.events, "the mesh took the newcomer in"
+    assert helper.member("n1") is not None and helper.member("n1").host == "10.0.0.1"
+    assert "name conflict" in caplog.text
+    # The same name at the same address is a restart, not a conflict.
+    again = GossipCore("n2", "10.0.0.2", PORT, config=CFG, rng=random.Random(2))
+    _, rejoined = push_pull(again, owner)
+    assert not [e for e in rejoined.events if e.kind is EventKind.CONFLICT]
