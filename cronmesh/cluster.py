@@ -110,7 +110,7 @@ class Cluster:
         self._identities = identities
         self._identities_cache: tuple[float, dict[str, str]] = (-1.0, {})
         self.on_identity = on_identity
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, str, str]] = set()
         self.waiting = ""  # why this server is not in a cluster yet, if so
         self.bootstrap_expect = max(bootstrap_expect, 1)
         self.rpc_bind = rpc_bind
@@ -150,9 +150,10 @@ class Cluster:
             self._identities_cache = (now, cached)
         return cached
 
-    def _warn_once(self, peer: str, other: str, text: str) -> None:
-        if (peer, other) not in self._warned:
-            self._warned.add((peer, other))
+    def _warn_once(self, what: str, peer: str, other: str, text: str) -> None:
+        """Log `text` the first time `what` happens with `peer` of `other`."""
+        if (what, peer, other) not in self._warned:
+            self._warned.add((what, peer, other))
             log.warning(text)
 
     def admit(self, sender: str, their: str) -> str | None:
@@ -162,6 +163,8 @@ class Cluster:
         mine = self.cluster_id
         if mine and their == mine:
             return None
+        if mine == LEGACY_CLUSTER_ID and not their:
+            return None  # a server of our cluster still on a build without ids
         if mine:
             reason = (
                 f"server {sender or '?'} belongs to cluster {their or '(none)'}, "
@@ -180,6 +183,7 @@ class Cluster:
             self._adopt(their, sender)
             return None
         self._warn_once(
+            "refused",
             sender,
             their,
             f"refused raft messages from another cluster: {reason}; the two "
@@ -201,6 +205,7 @@ class Cluster:
         mine = self.cluster_id
         if their and mine and their != mine:
             self._warn_once(
+                "not sent",
                 name,
                 their,
                 f"not sending raft messages to {name}: it belongs to cluster "
@@ -322,6 +327,7 @@ class Cluster:
         foreign = {n for n, v in self.identities().items() if v and v != mine}
         for name in sorted(foreign - membership.members):
             self._warn_once(
+                "not added",
                 name,
                 self.identities()[name],
                 f"server {name} in the mesh belongs to cluster "

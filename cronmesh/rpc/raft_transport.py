@@ -12,10 +12,10 @@ that does not decode is a peer's fault (RemoteError), answered with
 INVALID_ARGUMENT and never passed on.
 
 Every request carries the sender's cluster id (`cluster_id`, read when
-sending). `admit(sender, cluster_id)`, when set, vets each received request
+sending). `admit(sender, cluster_id)` vets each received Raft message
 first: a reason it returns refuses the request with FAILED_PRECONDITION
 (counted in `refused`), so a server of another cluster never reaches the
-Raft core.
+Raft core. A forwarded write naming another cluster is refused the same way.
 """
 
 from __future__ import annotations
@@ -234,11 +234,15 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         if self.on_propose is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not a server")
         assert self.on_propose is not None
-        if request.cluster_id:  # agents that are not servers send none
-            try:
-                self._vet("", request.cluster_id)
-            except _Refused as exc:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        mine = self.cluster_id()
+        # Agents that are not servers send no id; any cluster takes their writes.
+        if request.cluster_id and mine and request.cluster_id != mine:
+            self.refused += 1
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"write for cluster {request.cluster_id} sent to a server of "
+                f"cluster {mine}",
+            )
         return await self.on_propose(request.command)
 
 
