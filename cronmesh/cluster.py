@@ -191,6 +191,12 @@ class Cluster:
         )
         return reason
 
+    def foreign_messages(self) -> int:
+        """Raft messages of other clusters refused (transport) or dropped
+        (core) since start, for metrics."""
+        node = self.driver.node
+        return self.transport.refused + (node.dropped_unknown if node else 0)
+
     def _adopt(self, cluster_id: str, via: str) -> None:
         self.storage.stable.save_cluster_id(cluster_id)
         self.waiting = ""

@@ -56,6 +56,15 @@ class Metrics:
         jobs.set_function(lambda: len(agent.scheduler.entries))
         applied = Gauge("cronmesh_applied_index", "Last applied command", registry=r)
         applied.set_function(agent.store.applied_index)
+        cluster = agent.cluster
+        if cluster is not None:
+            foreign = Gauge(
+                "cronmesh_raft_foreign_messages",
+                "Raft messages refused or dropped because they came from a "
+                "server of another cluster (since start)",
+                registry=r,
+            )
+            foreign.set_function(cluster.foreign_messages)
 
     def on_event(self, event: Event) -> None:
         execution = event.execution

@@ -162,6 +162,7 @@ def test_the_transport_refuses_messages_of_another_cluster(
             cluster.transport._receive(message("x9", "c-two"))
     assert "refused raft messages from another cluster" in caplog.text
     assert cluster.transport.refused == 2 and received == []
+    assert cluster.foreign_messages() == 2
     # Nothing is sent to a server of another cluster.
     mesh["s2"] = "c-two"
     cluster._identities_cache = (-1.0, {})
