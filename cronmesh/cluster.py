@@ -310,6 +310,9 @@ class Cluster:
             )
             self.waiting = "waiting to be added to the cluster by its leader"
             return None
+        # Limitation: "no cluster seen" may only mean the gossip join has not
+        # happened yet (--retry-join runs in the background); with
+        # bootstrap_expect 1 such a server founds a cluster of its own.
         fresh = set(self.peers()) | {self.name}
         if len(fresh) < self.bootstrap_expect:
             return (
