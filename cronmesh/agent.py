@@ -514,8 +514,11 @@ class Agent:
         if self._candidate_cache is not None and now - self._candidate_cache[0] < 0.25:
             return self._candidate_cache[1]
         found: dict[str, Candidate] = {}
+        mine = self.cluster.cluster_id if self.cluster is not None else ""
         if self.gossip is not None:
             for member in self.gossip.members():
+                if mine and member.tags.get("cluster", mine) not in ("", mine):
+                    continue  # a server of another cluster in the same mesh
                 status = "alive" if member.status == "suspect" else member.status
                 found[member.name] = Candidate(member.name, dict(member.tags), status)
         found[self.node_name] = Candidate(self.node_name, self.tags, "alive")

@@ -57,6 +57,10 @@ def test_two_clusters_in_one_mesh_stay_apart(agent_factory: Any) -> None:
     assert b.post_job(shell_job("job-b2", "true")).status_code == 201
     assert job_names(a) == {"job-a", "job-a2"}
     assert job_names(b) == {"job-b", "job-b2"}
+    # A job for every node runs on this cluster's nodes only.
+    assert a.http.post("/v1/jobs/job-a/run").status_code == 202
+    a.finished("job-a")
+    assert {e["node_name"] for e in a.executions("job-a")} == {"a1"}
     for node in (a, b):
         assert node.http.get("/health").status_code == 200
         assert "InvariantViolation" not in node.log()
