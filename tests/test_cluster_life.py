@@ -35,14 +35,18 @@ def statuses(node: AgentProcess) -> dict[str, str]:
 
 
 def test_two_clusters_in_one_mesh_stay_apart(agent_factory: Any) -> None:
-    a = agent_factory(name="a1")
-    b = agent_factory(name="b1")
+    a = agent_factory(name="a1", start=False)
+    b = agent_factory(name="b1", start=False)
+    for node in (a, b):
+        node.start(wait=False)
+    for node in (a, b):
+        node.wait_ready(timeout=60)
     assert a.post_job(shell_job("job-a", "true")).status_code == 201
     assert b.post_job(shell_job("job-b", "true")).status_code == 201
     # b1 comes back (with its state) joining a1's mesh.
     assert b.stop() == 0
     b.extra += ["--join", a.gossip_addr]
-    b.start()
+    b.start(wait=False).wait_ready(timeout=60)
     a.wait_for("one mesh", lambda: statuses(a) == {"a1": "alive", "b1": "alive"})
     for node, other in ((a, "b1"), (b, "a1")):
         node.wait_for(
@@ -69,7 +73,8 @@ def test_two_clusters_in_one_mesh_stay_apart(agent_factory: Any) -> None:
 
 
 def test_a_duplicate_node_name_is_refused(agent_factory: Any, tmp_path: Path) -> None:
-    first = agent_factory(name="twin")
+    first = agent_factory(name="twin", start=False)
+    first.start(wait=False).wait_ready(timeout=60)
     second = agent_factory(
         "--join",
         first.gossip_addr,
