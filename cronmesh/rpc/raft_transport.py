@@ -118,7 +118,6 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         self.on_message = on_message
         self.on_propose = on_propose
         self._peers: dict[str, _Peer] = {}
-        self._inbound: set[asyncio.Task[object]] = set()
         self._closed = False
         self.dropped = 0
         self.received = 0
@@ -164,8 +163,8 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
             if isinstance(run[0], InstallSnapshot) or peer.unary_only:
                 for msg in run:
                     await self._call(stub, msg)
-            else:
-                await self._write(peer, stub, run)
+            elif not await self._write(peer, stub, run):
+                self.dropped += len(run)
         except grpc.aio.AioRpcError as exc:
             self.dropped += len(run)
             log.debug("raft send failed peer=%s code=%s", peer.peer_id, exc.code())
@@ -174,14 +173,33 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
             self.dropped += len(run)
             log.debug("raft stream stalled peer=%s", peer.peer_id)
 
+    async def _open_stream(
+        self, peer: _Peer, stub: raft_pb2_grpc.RaftStub
+    ) -> StreamCall | None:
+        """The peer's stream, a new one if the last has ended; None when the
+        peer has no Stream (then every message goes by a unary call)."""
+        if peer.stream is not None and peer.stream.done():
+            code = await peer.stream.code()
+            peer.stream = None
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                log.info(
+                    "raft peer has no stream; one call a message peer=%s", peer.peer_id
+                )
+                peer.unary_only = True
+                return None
+        if peer.stream is None:
+            peer.stream = stub.Stream()
+        return peer.stream
+
     async def _write(
         self, peer: _Peer, stub: raft_pb2_grpc.RaftStub, batch: list[Message]
-    ) -> None:
-        """Write ``batch`` to the peer's stream, opening it when needed.
+    ) -> bool:
+        """Write ``batch`` to the peer's stream; False if it was not written
+        (the stream had ended: it is opened again for the next batch).
 
         Raises:
-            grpc.aio.AioRpcError: the stream failed (it is dropped).
-            TimeoutError: the peer took no data for CALL_TIMEOUT (dropped).
+            grpc.aio.AioRpcError: the stream failed.
+            TimeoutError: the peer took no data for CALL_TIMEOUT.
         """
         payloads = [encode(msg) for msg in batch]
         items: list[list[bytes]] = [[]]
@@ -192,25 +210,18 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
                 size = 0
             items[-1].append(payload)
             size += len(payload)
-        try:
-            async with asyncio.timeout(CALL_TIMEOUT):
-                for item in items:
-                    if peer.stream is None or peer.stream.done():
-                        peer.stream = stub.Stream()
-                    await peer.stream.write(
+        async with asyncio.timeout(CALL_TIMEOUT):
+            for item in items:
+                stream = await self._open_stream(peer, stub)
+                if stream is None:
+                    return False
+                try:
+                    await stream.write(
                         raft_pb2.RaftBatch(**{"from": self.node_id, "payloads": item})
                     )
-        except grpc.aio.AioRpcError as exc:
-            peer.stream = None
-            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                log.info(
-                    "raft peer has no stream; one call a message peer=%s", peer.peer_id
-                )
-                peer.unary_only = True
-            raise
-        except asyncio.InvalidStateError as exc:  # finished between two writes
-            peer.stream = None
-            raise TimeoutError("raft stream ended") from exc
+                except asyncio.InvalidStateError:  # it ended before this write
+                    return False
+        return True
 
     async def _call(self, stub: raft_pb2_grpc.RaftStub, msg: Message) -> None:
         request = raft_pb2.RaftMessage(**{"from": self.node_id, "payload": encode(msg)})
@@ -249,8 +260,6 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._inbound):
-            task.cancel()
         for peer in self._peers.values():
             peer.drop_stream()
             if peer.task is not None:
@@ -294,24 +303,18 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         request_iterator: AsyncIterator[raft_pb2.RaftBatch],
         context: grpc.aio.ServicerContext,
     ) -> raft_pb2.Ack:
-        if self._closed:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server stopping")
-        # Tracked so that close() can end it: a stream lasts as long as its
-        # sender, and the gRPC server would wait its whole grace period.
-        task: asyncio.Task[object] | None = asyncio.current_task()
-        if task is not None:
-            self._inbound.add(task)
-        try:
-            async for batch in request_iterator:
-                sender = getattr(batch, "from")
-                for payload in batch.payloads:
-                    try:
-                        self._receive_payload(sender, payload)
-                    except RemoteError as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        finally:
-            if task is not None:
-                self._inbound.discard(task)
+        async for batch in request_iterator:
+            if self._closed:
+                # Ends the stream at the peer's next message (a heartbeat
+                # away), so the gRPC server does not wait its whole grace
+                # period for a stream that lasts as long as its sender.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server stopping")
+            sender = getattr(batch, "from")
+            for payload in batch.payloads:
+                try:
+                    self._receive_payload(sender, payload)
+                except RemoteError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return raft_pb2.Ack()
 
     async def InstallSnapshot(
