@@ -355,6 +355,7 @@ class RaftDriver:
                 for msg in early:
                     self.send(msg)
                 # One loop turn: the transport writes them before the fsync.
+                # Limitation: best effort; a slow turn sends them after it.
                 await asyncio.sleep(0)
         applied = False
         if persist:
