@@ -75,7 +75,9 @@ class _Peer:
         self.task: asyncio.Task[None] | None = None
         self.closing: asyncio.Future[None] | None = None
         self.stream: StreamCall | None = None
-        self.unary_only = False  # the peer has no Stream (an older build)
+        # The peer has no Stream (an older build). Limitation: kept until its
+        # address changes, so an upgraded peer gets unary calls until then.
+        self.unary_only = False
 
     def connect(self, address: str) -> raft_pb2_grpc.RaftStub:
         if self.stub is None or address != self.address:
