@@ -1,5 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -16,6 +18,15 @@ class RaftMessage(_message.Message):
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RaftBatch(_message.Message):
+    __slots__ = ("payloads", "cluster_id")
+    FROM_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    payloads: _containers.RepeatedScalarFieldContainer[bytes]
+    cluster_id: str
+    def __init__(self, payloads: _Optional[_Iterable[bytes]] = ..., cluster_id: _Optional[str] = ..., **kwargs) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("command", "cluster_id")

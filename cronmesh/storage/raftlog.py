@@ -105,6 +105,9 @@ _FULL_MARGIN = 4 << 20
 
 T = TypeVar("T")
 Stage = Callable[[lmdb.Transaction, "_LogState"], None]
+# Runs a transaction body in one write transaction and commits it: DataDir.write
+# or a caller's committer that puts more work into the same transaction.
+Committer = Callable[[Callable[[lmdb.Transaction], "_LogState"]], "_LogState"]
 
 
 def _key(index: int) -> bytes:
@@ -156,15 +159,19 @@ def _disk_full(exc: BaseException, path: Path, need: int) -> bool:
 
 
 def _write(
-    data: DataDir, fn: Callable[[lmdb.Transaction], T], what: str, need: int
+    data: DataDir,
+    fn: Callable[[lmdb.Transaction], T],
+    what: str,
+    need: int,
+    write: Callable[[Callable[[lmdb.Transaction], T]], T] | None = None,
 ) -> T:
-    """``data.write(fn)``, with a full disk reported as such.
+    """``data.write(fn)`` (or ``write(fn)``), with a full disk reported as such.
 
     Raises:
         StorageError: LMDB failed or the disk is full; nothing was written.
     """
     try:
-        return data.write(fn)
+        return (write or data.write)(fn)
     except StorageError as exc:
         if _disk_full(exc, data.path, need):
             raise StorageError(
@@ -309,8 +316,14 @@ class LmdbLogStore:
             self._commit(lambda _txn, _st: None, "raft log garbage collection", 0)
 
     # -- the transaction machinery (also used by LmdbRaftStorage)
-    def _commit(self, stage: Stage, what: str, need: int) -> None:
+    def _commit(
+        self, stage: Stage, what: str, need: int, committer: Committer | None = None
+    ) -> None:
         """Run ``stage`` in one write transaction; swap the cached state on success.
+
+        ``committer`` (default ``DataDir.write``) runs the body in a write
+        transaction of this store's ``DataDir`` and commits it; the cached
+        state is swapped only when it returned.
 
         Raises:
             StorageError: LMDB failed or the disk is full; nothing was written.
@@ -323,7 +336,7 @@ class LmdbLogStore:
                 self._stage_gc(txn, st)
             return st
 
-        self._state = _write(self._data, run, what, need)
+        self._state = _write(self._data, run, what, need, committer)
 
     def _stage_append(
         self,
@@ -657,11 +670,15 @@ class LmdbRaftStorage:
             data, snapshot_dir if snapshot_dir is not None else data.path / "snapshots"
         )
 
-    def persist(self, ready: Ready) -> None:
+    def persist(self, ready: Ready, committer: Committer | None = None) -> None:
         """Write the durable parts of ``ready`` with one LMDB commit (one fsync).
 
         Same order and result as ``persist_ready``; snapshot files are written
         (and fsynced) before the transaction that makes them current.
+        ``committer``, when given, must run the body it is handed exactly in
+        one write transaction of ``self.data`` and commit it (with fsync),
+        with whatever else the caller writes in that transaction (the driver
+        applies committed entries in it).
 
         Raises:
             StorageError: LMDB failed or the disk is full; nothing changed.
@@ -698,7 +715,9 @@ class LmdbRaftStorage:
         # Limitation: a Ready with a snapshot costs 2 more fsyncs (file, dir).
         need = _size(list(ready.entries)) + sum(len(s.data) for s in snaps)
         try:
-            log_store._commit(stage, f"persist of {len(ready.entries)} entries", need)
+            log_store._commit(
+                stage, f"persist of {len(ready.entries)} entries", need, committer
+            )
         except BaseException:
             stable._discard_unreferenced(written)
             raise
