@@ -662,8 +662,7 @@ class Agent:
         finished = []
         for entry in running:
             job, _, exec_id = entry.partition("/")
-            stored = self.store.get_execution(job, exec_id)
-            if stored is not None and not stored.running:
+            if self.store.execution_state(job, exec_id) == "finished":
                 finished.append(entry)
         return agent_pb2.HeartbeatReply(ok=True, unknown=finished)
 
@@ -715,11 +714,12 @@ class Agent:
             status = {c.name: c.status for c in self._candidates()}
             self.liveness.heard(self.runner.running_ids(), time.monotonic())
             self.liveness.heard(list(self.runner.unreported), time.monotonic())
-            running = self.store.running()
-            for execution, reason in self.liveness.overdue(
-                running, status, time.monotonic()
-            ):
-                if execution.id in self._reaping:
+            running = self.store.running_refs()
+            for ref, reason in self.liveness.overdue(running, status, time.monotonic()):
+                if ref.id in self._reaping:
+                    continue
+                execution = self.store.get_execution(ref.job_name, ref.id)
+                if execution is None or not execution.running:
                     continue
                 self._reaping.add(execution.id)
                 log.warning(
