@@ -93,7 +93,13 @@ class Metrics:
         )
         missed.set_function(lambda: agent.scheduler.missed)
         jobs = Gauge("cronmesh_jobs", "Jobs stored", registry=r)
-        jobs.set_function(lambda: len(agent.scheduler.entries))
+        jobs.set_function(lambda: _job_count(agent))
+        scheduled = Gauge(
+            "cronmesh_jobs_scheduled",
+            "Jobs the scheduler of this node follows (all on the leader, else 0)",
+            registry=r,
+        )
+        scheduled.set_function(lambda: len(agent.scheduler.entries))
         applied = Gauge("cronmesh_applied_index", "Last applied command", registry=r)
         applied.set_function(agent.store.applied_index)
         cluster = agent.cluster
@@ -151,6 +157,12 @@ _NODE_METRICS: dict[str, tuple[str, str]] = {
         "Lifeguard local health: 0 is healthy, higher means this node lags",
     ),
 }
+
+
+def _job_count(agent: Agent) -> int:
+    # Followers schedule nothing, but they store every job.
+    with agent.store.view() as view:
+        return view.job_count()
 
 
 class _NodeCollector(Collector):

@@ -54,6 +54,12 @@ def test_metrics_of_a_three_server_cluster(agent_factory: Any) -> None:
             f"{node.name} commit index grows",
             lambda n=node: (value(n, "cronmesh_raft_commit_index") or 0) > before,
         )
+        node.wait_for(
+            f"{node.name} stores the jobs",
+            lambda n=node: value(n, "cronmesh_jobs") == 3,
+        )
+        scheduling = 3.0 if node is leader else 0.0
+        assert value(node, "cronmesh_jobs_scheduled") == scheduling
 
     # Runs: Dkron's counters on every server (each applies the result), the
     # fire lag only where the scheduled run was started (the leader).
