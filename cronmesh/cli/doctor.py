@@ -56,7 +56,7 @@ class Check:
 
 
 @dataclass
-class Agent:
+class AgentReply:
     """What one --address answered, and when (for the clock check)."""
 
     address: str
@@ -89,28 +89,31 @@ def _host_port(url: str) -> tuple[str, int]:
     )
 
 
-def _ask(address: str) -> Agent:
-    found = Agent(_url(address))
+def _ask(address: str) -> AgentReply:
+    found = AgentReply(_url(address))
     try:
         with httpx.Client(base_url=found.address, timeout=5.0) as http:
             found.sent = time.time()
             response = http.get("/v1/")
             found.received = time.time()
             response.raise_for_status()
-            found.info = response.json()
+            info = response.json()
+        if not isinstance(info, dict) or "agent" not in info:
+            raise ValueError("GET /v1/ did not answer as a cronmesh agent")
+        found.info = info
     except (httpx.HTTPError, ValueError) as exc:
         found.error = str(exc) or type(exc).__name__
     return found
 
 
-def _get(agent: Agent, path: str) -> Any:
+def _get(agent: AgentReply, path: str) -> Any:
     with httpx.Client(base_url=agent.address, timeout=5.0) as http:
         response = http.get(path)
         response.raise_for_status()
         return response.json()
 
 
-def check_agent(agent: Agent) -> Check:
+def check_agent(agent: AgentReply) -> Check:
     if agent.info is None:
         return Check(
             "agent",
@@ -130,7 +133,7 @@ def check_agent(agent: Agent) -> Check:
 # -- data dir
 
 
-def check_data_dir(path: Path, explicit: bool, agent: Agent) -> list[Check]:
+def check_data_dir(path: Path, explicit: bool, agent: AgentReply) -> list[Check]:
     if not path.exists():
         return [
             Check(
@@ -173,8 +176,8 @@ def lock_holder(path: Path) -> str | None:
     fd = os.open(lock, os.O_RDONLY)
     try:
         try:
-            # A shared lock, dropped at once: an agent starting in this very
-            # instant would be refused, so it is held for no longer.
+            # Limitation: this shared lock is dropped at once, but an agent
+            # starting in that very instant is refused (and says so).
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -186,7 +189,7 @@ def lock_holder(path: Path) -> str | None:
         os.close(fd)
 
 
-def _check_lock(path: Path, agent: Agent) -> Check:
+def _check_lock(path: Path, agent: AgentReply) -> Check:
     try:
         holder = lock_holder(path)
     except OSError as exc:
@@ -266,7 +269,7 @@ def _dial_host(host: str, fallback: str) -> str:
     return fallback if host in ("0.0.0.0", "::", "") else host
 
 
-def check_ports_in_use(agent: Agent, members: list[dict[str, Any]]) -> Check:
+def check_ports_in_use(agent: AgentReply, members: list[dict[str, Any]]) -> Check:
     """The running agent's ports: each one must accept connections."""
     host, port = _host_port(agent.address)
     targets = {"http": (host, port)}
@@ -335,7 +338,7 @@ def check_ports_free(http_addr: str, bind_addr: str, rpc_port: int) -> Check:
 # -- clocks
 
 
-def clock_offset(agent: Agent) -> tuple[float, float] | None:
+def clock_offset(agent: AgentReply) -> tuple[float, float] | None:
     """(server clock - this machine's clock, uncertainty), in seconds."""
     text = (agent.info or {}).get("agent", {}).get("time")
     if not text:
@@ -348,7 +351,9 @@ def clock_offset(agent: Agent) -> tuple[float, float] | None:
     return server - middle, (agent.received - agent.sent) / 2
 
 
-def check_clocks(agents: list[Agent], servers_known: int) -> Check:
+# Limitation: servers' HTTP addresses are not gossiped, so only the servers
+# given with --address are compared; the others are counted, not asked.
+def check_clocks(agents: list[AgentReply], servers_known: int) -> Check:
     answered = [a for a in agents if a.info is not None]
     offsets = {a.name: clock_offset(a) for a in answered}
     silent = sorted(name for name, off in offsets.items() if off is None)
@@ -389,7 +394,7 @@ def check_clocks(agents: list[Agent], servers_known: int) -> Check:
 # -- gossip key, peers
 
 
-def check_gossip_key(agent: Agent, data_dir: Path | None) -> Check:
+def check_gossip_key(agent: AgentReply, data_dir: Path | None) -> Check:
     fix = (
         "make a key with `cronmesh keygen` and start every agent with "
         "--encrypt KEY (rotate it later with `cronmesh keyring`)"
@@ -407,7 +412,10 @@ def check_gossip_key(agent: Agent, data_dir: Path | None) -> Check:
     return Check("gossip key", SKIP, "no agent and no data dir to look at")
 
 
-def check_peers(agent: Agent, members: list[dict[str, Any]]) -> Check:
+# Limitation: a peer "answers" when its RPC port accepts a TCP connection
+# from this machine; whether it speaks gRPC, and whether the servers reach
+# each other, is not checked.
+def check_peers(agent: AgentReply, members: list[dict[str, Any]]) -> Check:
     if agent.info is None:
         return Check("raft peers", SKIP, "no agent answered")
     if not agent.is_server:
