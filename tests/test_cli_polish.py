@@ -66,6 +66,7 @@ def test_json_of_every_command(agent_factory: Any, tmp_path: Path) -> None:
     exec_id = run("jobs", "run", "js", *at)["execution_id"]
     node.finished("js")
     assert run("executions", "js", *at)[0]["id"] == exec_id
+    assert run("executions", "logs", "js", exec_id, *at)["output"] == "hi\n"
     assert run("jobs", "toggle", "js", *at)["disabled"] is True
     assert run("jobs", "delete", "js", *at)["name"] == "js"
     assert len(run("schedule", "next", "@every 1m", "-n", "2")) == 2
