@@ -69,7 +69,7 @@ class Metrics:
         )
         self.fire_lag = Histogram(
             "cronmesh_fire_lag_seconds",
-            "Scheduled runs: start (after its record committed) minus fire instant",
+            "Scheduled runs: seconds from the fire instant to their start committed",
             buckets=LAG_BUCKETS,
             registry=r,
         )

@@ -273,7 +273,7 @@ def check_ports_in_use(agent: AgentReply, members: list[dict[str, Any]]) -> Chec
     """The running agent's ports: each one must accept connections."""
     host, port = _host_port(agent.address)
     targets = {"http": (host, port)}
-    if agent.is_server and agent.tags.get("rpc_addr"):
+    if agent.tags.get("rpc_addr"):  # every agent serves gRPC (runs, Raft)
         rpc_host, rpc_port = parse_addr(agent.tags["rpc_addr"], 6868, "rpc_addr")
         targets["rpc"] = (_dial_host(rpc_host, host), rpc_port)
     me = next((m for m in members if m.get("Name") == agent.name), None)
