@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from cronmesh.cli.main import app
 from cronmesh.gossip.keyring import generate_key
 
-# Commands that print no data: a node, and a shell script.
-WITHOUT_JSON = {"cronmesh agent", "cronmesh completion"}
+# A node and a shell script print no data; a backup is a JSON document.
+WITHOUT_JSON = {"cronmesh agent", "cronmesh backup", "cronmesh completion"}
 
 
 def leaf_commands(command: Any, path: str) -> Iterator[tuple[str, Any]]:
