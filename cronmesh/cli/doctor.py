@@ -18,7 +18,7 @@ import socket
 import struct
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +29,16 @@ import typer
 from rich.markup import escape
 
 from cronmesh.agent import parse_addr
-from cronmesh.cli.client import DEFAULT_ADDRESS, JsonOpt, fail, out, print_json
+from cronmesh.cli.client import (
+    DEFAULT_ADDRESS,
+    CaCertOpt,
+    Client,
+    JsonOpt,
+    TokenOpt,
+    fail,
+    out,
+    print_json,
+)
 from cronmesh.errors import ValidationError
 from cronmesh.gossip.keyring import KEYRING_FILE
 
@@ -64,6 +73,7 @@ class AgentReply:
     error: str = ""
     sent: float = 0.0  # this machine's wall clock, seconds
     received: float = 0.0
+    http: httpx.Client | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -89,28 +99,33 @@ def _host_port(url: str) -> tuple[str, int]:
     )
 
 
-def _ask(address: str) -> AgentReply:
+def _ask(address: str, token: str, ca_cert: str) -> AgentReply:
     found = AgentReply(_url(address))
+    # The CLI's client: the same token and CA handling as every command.
+    found.http = Client(found.address, token, ca_cert).http
     try:
-        with httpx.Client(base_url=found.address, timeout=5.0) as http:
-            found.sent = time.time()
-            response = http.get("/v1/")
-            found.received = time.time()
-            response.raise_for_status()
-            info = response.json()
+        found.sent = time.time()
+        response = found.http.get("/v1/", timeout=5.0)
+        found.received = time.time()
+        response.raise_for_status()
+        info = response.json()
         if not isinstance(info, dict) or "agent" not in info:
             raise ValueError("GET /v1/ did not answer as a cronmesh agent")
         found.info = info
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        hint = " (pass --token or set CRONMESH_TOKEN)" if code in (401, 403) else ""
+        found.error = f"HTTP {code} on GET /v1/{hint}"
     except (httpx.HTTPError, ValueError) as exc:
         found.error = str(exc) or type(exc).__name__
     return found
 
 
 def _get(agent: AgentReply, path: str) -> Any:
-    with httpx.Client(base_url=agent.address, timeout=5.0) as http:
-        response = http.get(path)
-        response.raise_for_status()
-        return response.json()
+    assert agent.http is not None
+    response = agent.http.get(path, timeout=5.0)
+    response.raise_for_status()
+    return response.json()
 
 
 def check_agent(agent: AgentReply) -> Check:
@@ -118,7 +133,7 @@ def check_agent(agent: AgentReply) -> Check:
         return Check(
             "agent",
             FAIL,
-            f"no agent answers at {agent.address}: {agent.error}",
+            f"no usable answer from {agent.address}: {agent.error}",
             "start it (cronmesh agent ...) or pass --address of a running agent",
         )
     role = "server" if agent.is_server else "agent"
@@ -480,8 +495,10 @@ def run_checks(
     http_addr: str,
     bind_addr: str,
     rpc_port: int,
+    token: str = "",
+    ca_cert: str = "",
 ) -> list[Check]:
-    agents = [_ask(a) for a in addresses]
+    agents = [_ask(a, token, ca_cert) for a in addresses]
     main = agents[0]
     checks = [check_agent(main)]
     checks += [check_agent(a) for a in agents[1:]]
@@ -554,6 +571,8 @@ def doctor(
             "--rpc-port", min=1, max=65535, help="When no agent answers: RPC port."
         ),
     ] = 6868,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Check a node and its cluster, and say what to fix (exit 1 if any fails)."""
@@ -565,7 +584,13 @@ def doctor(
     except (ValidationError, httpx.InvalidURL) as exc:
         fail(str(exc), 2)
     checks = run_checks(
-        list(address or [DEFAULT_ADDRESS]), data_dir, http_addr, bind_addr, rpc_port
+        list(address or [DEFAULT_ADDRESS]),
+        data_dir,
+        http_addr,
+        bind_addr,
+        rpc_port,
+        token,
+        ca_cert,
     )
     failed = any(c.status == FAIL for c in checks)
     if as_json:
