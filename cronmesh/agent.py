@@ -224,6 +224,7 @@ class Agent:
             self.store, self.dispatcher, catch_up=config.catch_up_window
         )
         self.metrics = Metrics(self)
+        self.dispatcher.observe_fire_lag = self.metrics.observe_fire_lag
         self.fsm.listeners += [
             self.scheduler.on_event,
             self.dispatcher.on_event,
@@ -290,10 +291,28 @@ class Agent:
 
     def gossip_stats(self) -> dict[str, str]:
         """Mesh statistics for /v1 (serf's section in Dkron)."""
+        keyring = self.gossip.keyring if self.gossip is not None else None
+        encrypted = "true" if keyring is not None else "false"
         if self.gossip is None or not self.gossip.started:
-            return {"members": "1"}
+            return {"members": "1", "encrypted": encrypted}
         stats = {k: str(v) for k, v in self.gossip.stats.as_dict().items()}
-        return {"members": str(len(self.gossip.members())), **stats}
+        members = str(len(self.gossip.members()))
+        return {"members": members, "encrypted": encrypted, **stats}
+
+    def raft_stats(self) -> dict[str, str] | None:
+        """Raft's view for /v1 (servers only), strings as serf's stats."""
+        node = self.cluster.driver.node if self.cluster is not None else None
+        if self.cluster is None or node is None:
+            return None
+        status = node.status()
+        return {
+            "state": status.role.name.lower(),
+            "term": str(status.term),
+            "leader": self.leader_name() or "",
+            "commit_index": str(status.commit),
+            "applied_index": str(status.applied),
+            "last_log_index": str(status.last_index),
+        }
 
     def members(self) -> list[dict[str, Any]]:
         """Every member this node knows, in Dkron's (serf's) shape."""

@@ -242,14 +242,20 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
     @app.get("/v1")
     @app.get("/v1/")
     async def index(request: Request) -> Response:
-        return _reply(
-            request,
-            {
-                "agent": {"name": agent.node_name, "version": __version__},
-                "serf": agent.gossip_stats(),
-                "tags": agent.tags,
+        body: dict[str, Any] = {
+            # `time` is ours: `cronmesh doctor` compares the servers' clocks.
+            "agent": {
+                "name": agent.node_name,
+                "version": __version__,
+                "time": datetime.now(UTC).isoformat(),
             },
-        )
+            "serf": agent.gossip_stats(),
+            "tags": agent.tags,
+        }
+        raft = agent.raft_stats()
+        if raft is not None:
+            body["raft"] = raft  # ours, as Consul's agent/self stats
+        return _reply(request, body)
 
     @app.get("/v1/members")
     async def members(request: Request) -> Response:

@@ -89,6 +89,7 @@ def recover(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="Data dir of this (stopped) server.")
     ] = Path("cronmesh.data"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Offline: force the Raft configuration to the servers in --peers.
 
@@ -119,6 +120,9 @@ def recover(
         index, term = force_configuration(LmdbRaftStorage(data), set(voters))
     finally:
         data.close()
+    if as_json:
+        print_json({"voters": sorted(voters), "index": index, "term": term})
+        return
     out.print(
         f"wrote configuration {sorted(voters)} at index {index} (term {term}) "
         f"in {data_dir}; start the agent now"

@@ -102,6 +102,9 @@ class RaftDriver:
         self.broken = ""  # why the driver stopped, when it did
         self.role = Role.FOLLOWER
         self.term = 0
+        # Elections seen won (a new leader, or a new term), for metrics.
+        self.leader_changes = 0
+        self._seen_leader: tuple[str, int] | None = None
 
     # -- set-up
     def has_state(self) -> bool:
@@ -503,6 +506,9 @@ class RaftDriver:
     def _role_changed(self, role: Role, leader: str | None, term: int) -> None:
         was_leader = self.role is Role.LEADER
         self.role, self.leader, self.term = role, leader, term
+        if leader is not None and (leader, term) != self._seen_leader:
+            self._seen_leader = (leader, term)
+            self.leader_changes += 1
         if role is Role.LEADER and not was_leader:
             log.info(
                 "leader elected node_id=%s term=%d (this node)", self.node_id, term
