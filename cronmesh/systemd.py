@@ -39,7 +39,14 @@ import socket
 import time
 from collections.abc import MutableMapping
 
-__all__ = ["NOTIFY_VARIABLES", "Notifier", "notify_address", "watchdog_usec"]
+__all__ = [
+    "NOTIFY_VARIABLES",
+    "Notifier",
+    "Phase",
+    "monotonic_usec",
+    "notify_address",
+    "watchdog_usec_for",
+]
 
 log = logging.getLogger("cronmesh.systemd")
 
@@ -71,7 +78,7 @@ def notify_address(text: str) -> str | None:
     return None
 
 
-def watchdog_usec(usec_text: str, pid_text: str, pid: int) -> int:
+def watchdog_usec_for(usec_text: str, pid_text: str, pid: int) -> int:
     """The watchdog interval (microseconds) meant for process `pid`; 0: none.
 
     Args:
@@ -128,11 +135,7 @@ class Notifier:
             env.pop(name, "") for name in NOTIFY_VARIABLES
         )
         address = notify_address(socket_text) if socket_text else None
-        return cls(address, watchdog_usec(usec_text, pid_text, os.getpid()))
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
+        return cls(address, watchdog_usec_for(usec_text, pid_text, os.getpid()))
 
     # -- the life cycle
     def ready(self, status: str) -> None:
