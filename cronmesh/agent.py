@@ -563,13 +563,24 @@ class Agent:
     async def _accept_run(
         self, job_doc: dict[str, Any], exec_doc: dict[str, Any]
     ) -> None:
-        """gRPC AgentRun: the leader hands this node an execution."""
+        """gRPC AgentRun: the leader hands this node an execution.
+
+        Raises:
+            UnavailableError: this agent is stopping; the leader records the
+                run as not run.
+        """
         job = Job.from_stored(job_doc)
         execution = Execution.from_json(exec_doc)
         if execution.node_name != self.node_name:
             raise CronmeshError(
                 f"execution {execution.id} is for {execution.node_name!r}, "
                 f"this node is {self.node_name!r}"
+            )
+        if self._stop.is_set() and execution.id not in self.runner.live:
+            # Limitation: a stopping server stays alive in the mesh until its
+            # runs end (see shutdown), so a leader may still pick it.
+            raise UnavailableError(
+                f"agent {self.node_name} is stopping and starts no new runs"
             )
         started = await self.runner.accept(job, execution)
         if started:
@@ -1106,11 +1117,13 @@ class Agent:
         """Stop gracefully; the steps run in this order:
 
         1. Start nothing new: the scheduler stops, follow-up runs are
-           dropped, manual runs get 503. Fires missed meanwhile run on the
-           next leader (catch-up window), so nothing is lost by doing this
-           first, and no run starts here that the shutdown must wait for.
-        2. Leave the gossip mesh (an agent), or hand Raft leadership to
-           another voter (a server), which then schedules.
+           dropped, manual runs get 503, executions another leader hands
+           over are refused. Fires missed meanwhile run on the next leader
+           (catch-up window), so nothing is lost by doing this first, and
+           no run starts here that the shutdown must wait for.
+        2. An agent leaves the gossip mesh, so the leader stops picking it
+           (its heartbeats keep its running executions alive); a server
+           hands Raft leadership to another voter, which then schedules.
         3. Wait up to --shutdown-grace for running executions, reporting
            their results; kill what still runs then (recorded as failed).
         4. A server leaves the mesh only now: its leaving makes the leader

@@ -286,6 +286,42 @@ def test_a_stopping_leader_hands_over_then_reports_its_run(agent_factory: Any) -
     assert "done" in runs[0]["output"]
 
 
+def test_a_stopping_agent_leaves_the_mesh_first_and_still_reports_its_run(
+    agent_factory: Any, tmp_path: Path
+) -> None:
+    server = agent_factory(name="s1")
+    worker = agent_factory(
+        "--tag", "box=w1", "--retry-join", server.gossip_addr, "--retry-interval",
+        "0.5", name="w1", server=False,
+    )  # fmt: skip
+
+    def status_of_w1() -> str:
+        members = server.http.get("/v1/members").json()
+        return next((m["statusText"] for m in members if m["Name"] == "w1"), "")
+
+    server.wait_for("w1 in the mesh", lambda: status_of_w1() == "alive")
+    began = tmp_path / "began"
+    job = shell_job(
+        "on-worker", f"touch {began}; sleep 5; echo done", config={"shell": "true"}
+    )
+    server.post_job({**job, "tags": {"box": "w1"}})
+    assert server.http.post("/v1/jobs/on-worker/run").status_code == 202
+    server.wait_for("the job running on w1", began.exists)
+    assert worker.proc is not None
+    worker.proc.send_signal(signal.SIGTERM)
+    server.wait_for(
+        "w1 left while its run goes on",
+        lambda: (
+            status_of_w1() == "left"
+            and not server.executions("on-worker")[0]["finished_at"]
+        ),
+    )
+    assert worker.proc.wait(60) == 0
+    runs = server.finished("on-worker")
+    assert runs[0]["success"] is True and runs[0]["node_name"] == "w1"
+    assert "done" in runs[0]["output"]
+
+
 def test_sigterm_does_not_wait_the_grace_for_a_result_no_leader_takes(
     agent_factory: Any,
 ) -> None:
@@ -302,7 +338,7 @@ def test_sigterm_does_not_wait_the_grace_for_a_result_no_leader_takes(
     first.proc.send_signal(signal.SIGTERM)
     # Waiting for the grace would take 600 s.
     assert first.proc.wait(60) == 0
-    assert "result not reported before stopping" in first.log()
+    assert "not reported before stopping" in first.log()
 
 
 def test_unit_file_stops_after_the_grace_and_spares_jobs_the_sigterm() -> None:
