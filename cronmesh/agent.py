@@ -43,6 +43,7 @@ from cronmesh.errors import (
     ConflictError,
     CronmeshError,
     NotFoundError,
+    UnavailableError,
     ValidationError,
 )
 from cronmesh.gossip.driver import GossipDriver
@@ -63,6 +64,7 @@ from cronmesh.rpc.tls import RpcSecurity
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.outbox import Outbox
 from cronmesh.storage.state import StateStore
+from cronmesh.systemd import Notifier, Phase
 
 __all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
 
@@ -238,6 +240,9 @@ class Agent:
         self.exit_error = ""
         self.name_conflict = ""  # set when another member holds our name
         self._reaped: set[str] = set()
+        # systemd's notify protocol (a no-op when not run by systemd).
+        self.notifier = Notifier.from_environ()
+        self._left_mesh = False
 
     # -- identity
     @property
@@ -406,7 +411,14 @@ class Agent:
 
         Only the leader dispatches: a follower server asks the leader's API
         through gRPC (the same path a non-server agent uses).
+
+        Raises:
+            UnavailableError: the agent is stopping.
         """
+        if self._stop.is_set():
+            raise UnavailableError(
+                f"agent {self.node_name} is stopping and starts no new runs"
+            )
         if not self.is_leader():
             raise NotLeaderError(self._leader_hint() or "")
         outcome = await self.dispatcher.fire(name, trigger="manual", force=force)
@@ -570,13 +582,24 @@ class Agent:
     async def _accept_run(
         self, job_doc: dict[str, Any], exec_doc: dict[str, Any]
     ) -> None:
-        """gRPC AgentRun: the leader hands this node an execution."""
+        """gRPC AgentRun: the leader hands this node an execution.
+
+        Raises:
+            UnavailableError: this agent is stopping; the leader records the
+                run as not run.
+        """
         job = Job.from_stored(job_doc)
         execution = Execution.from_json(exec_doc)
         if execution.node_name != self.node_name:
             raise CronmeshError(
                 f"execution {execution.id} is for {execution.node_name!r}, "
                 f"this node is {self.node_name!r}"
+            )
+        if self._stop.is_set() and execution.id not in self.runner.live:
+            # Limitation: a stopping server stays alive in the mesh until its
+            # runs end (see shutdown), so a leader may still pick it.
+            raise UnavailableError(
+                f"agent {self.node_name} is stopping and starts no new runs"
             )
         started = await self.runner.accept(job, execution)
         if started:
@@ -802,11 +825,15 @@ class Agent:
         task.add_done_callback(self._background.discard)
 
     def _leadership_changed(self, leading: bool) -> None:
+        if self.notifier.phase is Phase.READY:
+            self.notifier.status(self._status())
         task = asyncio.create_task(self._lead() if leading else self._follow())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _lead(self) -> None:
+        if self._stop.is_set():
+            return  # elected again while stopping: schedule nothing here
         self.dispatcher.active = True
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="sweep")
@@ -847,7 +874,9 @@ class Agent:
         install_pidfd_child_watcher()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
+        self.notifier.start_watchdog()
+        self.notifier.status("starting")
         # Bind the API first so a busy port fails at once, but answer only
         # once the node has joined: a client that sees /health must be
         # able to count on the membership it asked for.
@@ -860,6 +889,7 @@ class Agent:
                 await self._start_rpc()
         except BaseException:
             http_socket.close()
+            await self.notifier.close()
             raise
         server_task = await self._start_http(http_socket)
         self._spawn(self.recover_interrupted())
@@ -872,6 +902,7 @@ class Agent:
             self.config.data_dir,
             os.getpid(),
         )
+        self.notifier.ready(self._status())
         try:
             await self._stop.wait()
         finally:
@@ -1040,15 +1071,34 @@ class Agent:
         self.exit_error = self.name_conflict
         self.stop()
 
-    def reload(self) -> None:
-        """SIGHUP: re-read tags and log level from --config, re-announce tags."""
+    def _status(self) -> str:
+        """One line for `systemctl status`."""
+        where = f"serving on {self.http_host}:{self.http_port}"
+        if self.cluster is None:
+            return where
+        return f"{where}; raft {'leader' if self.is_leader() else 'follower'}"
+
+    def _reload_signalled(self) -> None:
+        """SIGHUP: reload, with systemd told when it begins and ends."""
+        self.notifier.reloading()
+        problem = self.reload()
+        status = self._status()
+        if problem:
+            status = f"{status}; reload failed, old settings kept: {problem}"
+        self.notifier.reloaded(status)
+
+    def reload(self) -> str:
+        """Re-read tags and log level from --config, re-announce tags.
+
+        Returns "" when applied, else why not (the old settings stay).
+        """
         from cronmesh.cli.agent_cmd import reload_settings
 
         try:
             tags, level = reload_settings(self.config)
         except CronmeshError as exc:
             log.error("reload failed, keeping the old settings: %s", exc)
-            return
+            return str(exc)
         self.config.tags = tags
         logging.getLogger().setLevel(level.upper())
         try:
@@ -1059,6 +1109,7 @@ class Agent:
         if self.gossip is not None:
             self.gossip.set_tags(self.tags)
         log.info("configuration reloaded tags=%s log_level=%s", tags, level)
+        return ""
 
     def _reload_keyring(self) -> None:
         """Bring the live keyring in line with keyring.json (rotation)."""
@@ -1082,16 +1133,45 @@ class Agent:
         self._stop.set()
 
     async def shutdown(self, server_task: asyncio.Task[None] | None) -> None:
+        """Stop gracefully; the steps run in this order:
+
+        1. Start nothing new: the scheduler stops, follow-up runs are
+           dropped, manual runs get 503, executions another leader hands
+           over are refused. Fires missed meanwhile run on the next leader
+           (catch-up window), so nothing is lost by doing this first, and
+           no run starts here that the shutdown must wait for.
+        2. An agent leaves the gossip mesh, so the leader stops picking it
+           (its heartbeats keep its running executions alive); a server
+           hands Raft leadership to another voter, which then schedules.
+        3. Wait up to --shutdown-grace for running executions, reporting
+           their results; kill what still runs then (recorded as failed).
+        4. A server leaves the mesh only now: its leaving makes the leader
+           remove it from Raft, after which it could lose track of the
+           leader and no longer report the results of step 3.
+        5. Stop Raft, gossip and HTTP; `run` returns (exit code 0).
+        """
         log.info("agent stopping node=%s", self.node_name)
+        self.notifier.stopping("stopping: no new runs")
         await self.scheduler.stop()
         await self.dispatcher.stop()
-        if self.runner.live:
+        if self.cluster is None:
+            await self._leave_mesh()
+        else:
+            await self.cluster.hand_over_leadership()
+        running = len(self.runner.running_ids())
+        if running:
             log.info(
                 "waiting for running executions count=%d up_to=%.0fs",
-                len(self.runner.live),
+                running,
                 self.config.shutdown_grace,
             )
+            self.notifier.status(
+                f"stopping: waiting for {running} running executions "
+                f"(up to {self.config.shutdown_grace:g}s)"
+            )
         await self.runner.stop(self.config.shutdown_grace)
+        await self._leave_mesh()
+        self.notifier.status("stopping: closing")
         for task in list(self._background):
             task.cancel()
         if self._sweeper is not None:
@@ -1102,10 +1182,6 @@ class Agent:
             await self._rpc_server.stop(1)
         await self.channels.close()
         if self.gossip is not None:
-            # After a name conflict a "left" under our name would be taken
-            # as news about the member that owns the name: say nothing.
-            if not self.name_conflict:
-                await self.gossip.leave(timeout=3.0)
             await self.gossip.stop()
         if self._server is not None:
             self._server.should_exit = True
@@ -1114,7 +1190,18 @@ class Agent:
                 await asyncio.wait_for(server_task, 5)
         self.outbox.close()
         self.data.close()
+        await self.notifier.close()
         log.info("agent stopped node=%s", self.node_name)
+
+    async def _leave_mesh(self) -> None:
+        """Leave the gossip mesh gracefully (once)."""
+        if self.gossip is None or self._left_mesh:
+            return
+        self._left_mesh = True
+        # After a name conflict a "left" under our name would be taken as
+        # news about the member that owns the name: say nothing.
+        if not self.name_conflict:
+            await self.gossip.leave(timeout=3.0)
 
 
 class _QuietServer(uvicorn.Server):

@@ -505,16 +505,25 @@ class Cluster:
             return ["no raft leader known: a majority of the servers may be down"]
         return []
 
+    async def hand_over_leadership(self) -> None:
+        """If this server leads, hand leadership to another voter (waits up
+        to 3 s; a voter that is not caught up lets the transfer lapse)."""
+        if not self.driver.is_leader():
+            return
+        voters = sorted(self.driver.membership.voters - {self.name})
+        if not voters:
+            return
+        self.driver.transfer_leadership(voters[0])
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            if not self.driver.is_leader():
+                log.info("leadership handed over to=%s", self.driver.leader)
+                return
+        log.warning("leadership not handed over to=%s", voters[0])
+
     async def stop(self, *, transfer: bool = True) -> None:
-        if transfer and self.driver.is_leader():
-            voters = sorted(self.driver.membership.voters - {self.name})
-            if voters:
-                self.driver.transfer_leadership(voters[0])
-                for _ in range(30):
-                    await asyncio.sleep(0.1)
-                    if not self.driver.is_leader():
-                        log.info("leadership handed over to=%s", self.driver.leader)
-                        break
+        if transfer:
+            await self.hand_over_leadership()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

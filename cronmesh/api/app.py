@@ -33,6 +33,7 @@ from cronmesh.errors import (
     CronmeshError,
     NotFoundError,
     StorageError,
+    UnavailableError,
     ValidationError,
 )
 
@@ -207,6 +208,7 @@ def _errors(app: FastAPI) -> None:
     app.add_exception_handler(NotFoundError, plain(404))
     app.add_exception_handler(StorageError, plain(503))
     app.add_exception_handler(NotLeaderError, plain(503))
+    app.add_exception_handler(UnavailableError, plain(503))
     app.add_exception_handler(CronmeshError, plain(500))
 
     @app.exception_handler(StarletteHTTPException)

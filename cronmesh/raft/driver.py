@@ -261,7 +261,9 @@ class RaftDriver:
             if delay > 0 and not self._has_input():
                 self._wake.clear()
                 try:
-                    # Not wait_for: that makes a task per turn.
+                    # Not wait_for: that makes a task per turn, and on
+                    # Python 3.11 it swallows a cancel that comes with a
+                    # wake-up, so stop() would wait forever.
                     async with asyncio.timeout(delay):
                         await self._wake.wait()
                 except TimeoutError:
