@@ -1,0 +1,206 @@
+"""Adversarial reproductions against distributed execution (issue 5).
+
+Each test starts real `cronmesh agent` processes on loopback (3 servers and
+2 worker agents, as tests/test_distributed.py does) and shows one defect.
+Tests of defects that exist today are marked xfail(strict=True): the suite
+stays green, and a test that starts passing (the defect is fixed) fails
+until its mark is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import AgentProcess, shell_job
+from test_distributed import by_name, leader_of, start_mesh, stop_all
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[AgentProcess]]:
+    nodes = start_mesh(tmp_path_factory.mktemp("break-mesh"))
+    yield nodes
+    stop_all(nodes)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def read_pid(path: Path, node: AgentProcess) -> int:
+    text = node.wait_for(f"{path} written", lambda: path.exists() and path.read_text())
+    return int(str(text).strip())
+
+
+def execution(node: AgentProcess, job: str, exec_id: str) -> dict[str, Any]:
+    response = node.http.get(
+        f"/v1/jobs/{job}/executions/{exec_id}", params={"consistent": ""}
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="deleting a job does not stop its running executions: the agent "
+    "keeps running them and heartbeats do not end runs of unknown jobs",
+)
+def test_deleting_a_job_stops_its_running_execution(
+    mesh: list[AgentProcess], tmp_path: Path
+) -> None:
+    s1 = mesh[0]
+    pid_file = tmp_path / "pid"
+    job = shell_job(
+        "deleted-while-running",
+        f"echo $$ > {pid_file}; exec sleep 40",
+        tags={"id": "w1"},
+        config={"shell": "true"},
+    )
+    assert s1.post_job(job).status_code == 201
+    assert s1.http.post(f"/v1/jobs/{job['name']}/run").status_code == 202
+    pid = read_pid(pid_file, s1)
+    deleted = s1.http.delete(f"/v1/jobs/{job['name']}")
+    assert deleted.status_code == 200, deleted.text
+    # Nothing can stop it through the API any more: the job is gone.
+    busy = s1.http.get("/v1/busy").json()
+    assert not [b for b in busy if b["job_name"] == job["name"]]
+    try:
+        # Three heartbeat rounds are plenty for the agent to hear of it.
+        s1.wait_for("the deleted job's process ends", lambda: not pid_alive(pid), 12)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a run of a deleted job keeps running, so a re-created forbid job "
+    "of the same name runs beside it, and the old run's result is then "
+    "recorded in the new job's history",
+)
+def test_recreated_forbid_job_neither_overlaps_nor_inherits_the_old_run(
+    mesh: list[AgentProcess], tmp_path: Path
+) -> None:
+    s1, s2 = mesh[0], by_name(mesh, "s2")
+    name = "recreated-forbid"
+    marks = tmp_path / "marks"
+    command = (
+        f"echo start-$CRONMESH_EXECUTION_ID >> {marks}; sleep 5; "
+        f"echo end-$CRONMESH_EXECUTION_ID >> {marks}"
+    )
+    job = shell_job(
+        name, command, tags={"id": "w1"}, config={"shell": "true"}, concurrency="forbid"
+    )
+    assert s1.post_job(job).status_code == 201
+    old = s1.http.post(f"/v1/jobs/{name}/run")
+    assert old.status_code == 202, old.text
+    old_id = old.headers["X-Execution-Id"]
+    s1.wait_for("the old run started", lambda: marks.exists())
+    assert s1.http.delete(f"/v1/jobs/{name}").status_code == 200
+    assert s1.post_job(job).status_code == 201
+    new = s2.http.post(f"/v1/jobs/{name}/run")
+    assert new.status_code == 202, new.text
+    new_id = new.headers["X-Execution-Id"]
+    s1.wait_for(
+        "both runs ended",
+        lambda: marks.read_text().count("end-") == 2,
+        30,
+    )
+    time.sleep(2)  # the old run's report reaches the leader
+    history = {e["id"] for e in s1.executions(name)}
+    lines = marks.read_text().split()
+    # Never two live runs of a forbid job at once.
+    assert lines.index(f"end-{old_id}") < lines.index(f"start-{new_id}"), lines
+    # The re-created job's history holds its own runs only.
+    assert old_id not in history, history
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dependents and the job status look at the last attempt per node: "
+    "a retry_any_node retry that succeeds on another node leaves the "
+    "failed first node in the group, so the group never counts as succeeded",
+)
+def test_dependent_runs_after_a_retry_succeeds_on_another_node(
+    mesh: list[AgentProcess], tmp_path: Path
+) -> None:
+    s1 = mesh[0]
+    flag = tmp_path / "first-node"
+    # Fails on whichever node ran first, succeeds anywhere else.
+    command = (
+        f"me=${{CRONMESH_EXECUTION_ID##*-}}; "
+        f"[ -e {flag} ] || echo $me > {flag}; "
+        f'if [ "$(cat {flag})" = "$me" ]; then echo fail-on-$me; exit 1; fi; '
+        "echo ok-on-$me"
+    )
+    parent = shell_job(
+        "any-node-parent",
+        command,
+        tags={"role": "worker:1"},
+        config={"shell": "true"},
+        retries=8,
+        retry_any_node=True,
+        retry_backoff={"initial": "200ms", "max": "200ms"},
+    )
+    child = shell_job("any-node-child", "echo child", parent_job="any-node-parent")
+    assert s1.post_job(parent).status_code == 201
+    assert s1.post_job(child).status_code == 201
+    assert s1.http.post("/v1/jobs/any-node-parent/run").status_code == 202
+
+    def succeeded() -> list[dict[str, Any]]:
+        return [e for e in s1.executions("any-node-parent") if e["success"]]
+
+    runs = s1.wait_for("a successful attempt", succeeded, 30)
+    nodes = {e["node_name"] for e in s1.executions("any-node-parent")}
+    if len(nodes) < 2:  # 1 in 256: every retry drew the failing node
+        pytest.skip("all retries landed on the first node")
+    assert runs[0]["attempt"] > 1
+    # The parent's group ended in success: its dependent runs once.
+    s1.finished("any-node-child", count=1, timeout=10)
+    assert s1.http.get("/v1/jobs/any-node-parent").json()["status"] == "success"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a leader resumed after a pause longer than --execution-timeout "
+    "sweeps with its stale heartbeat clocks before it learns it was deposed; "
+    "its 'lost' verdict is forwarded to the new leader, committed, and the "
+    "healthy run is killed",
+)
+def test_paused_leader_does_not_fail_healthy_runs_when_it_resumes(
+    tmp_path: Path,
+) -> None:
+    nodes = start_mesh(tmp_path, "--execution-timeout", "8")
+    try:
+        servers = nodes[:3]
+        leader = leader_of(servers)
+        job = shell_job("steady", "sleep 50; echo finished", tags={"id": "w1"})
+        assert leader.post_job(job).status_code == 201
+        run = leader.http.post("/v1/jobs/steady/run")
+        assert run.status_code == 202, run.text
+        exec_id = run.headers["X-Execution-Id"]
+        time.sleep(4)  # w1 has sent a heartbeat to this leader
+        assert leader.proc is not None
+        leader.proc.send_signal(signal.SIGSTOP)
+        try:
+            survivors = [n for n in servers if n is not leader]
+            new_leader = leader_of(survivors)
+            time.sleep(12)  # longer than --execution-timeout; w1 reports on
+            assert execution(new_leader, "steady", exec_id)["finished_at"] is None
+        finally:
+            leader.proc.send_signal(signal.SIGCONT)
+        time.sleep(6)
+        found = execution(new_leader, "steady", exec_id)
+        # w1 stayed alive and reported all along: the run must still be going.
+        assert found["finished_at"] is None, found["output"]
+    finally:
+        stop_all(nodes)
