@@ -341,3 +341,71 @@ def test_each_successful_parent_group_triggers_its_dependent(
         return len({r["group"] for r in s1.executions("overtaken-child")})
 
     s1.wait_for("a dependent run per parent group", lambda: child_groups() >= 2, 10)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="following the output of a run on another node waits on that "
+    "node's gRPC stream without a deadline: when the node stops answering, "
+    "the follower hangs even after the run is recorded failed",
+)
+def test_follow_ends_when_the_run_is_declared_lost(mesh: list[AgentProcess]) -> None:
+    s1, s2, w2 = mesh[0], by_name(mesh, "s2"), by_name(mesh, "w2")
+    job = shell_job(
+        "follow-lost",
+        "echo started; sleep 60",
+        tags={"id": "w2"},
+        config={"shell": "true"},
+    )
+    assert s1.post_job(job).status_code == 201
+    run = s1.http.post("/v1/jobs/follow-lost/run")
+    assert run.status_code == 202, run.text
+    exec_id = run.headers["X-Execution-Id"]
+    s2.wait_for(
+        "the run started",
+        lambda: "started" in execution(s2, "follow-lost", exec_id)["output"],
+    )
+    follow = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cronmesh",
+            "executions",
+            "logs",
+            "follow-lost",
+            exec_id,
+            "--follow",
+            "--address",
+            s2.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert w2.proc is not None
+    w2.proc.send_signal(signal.SIGSTOP)  # w2 stops answering
+    try:
+        s2.wait_for(
+            "the run recorded failed",
+            lambda: execution(s2, "follow-lost", exec_id)["finished_at"],
+            30,
+        )
+        # The run is over for the cluster; w2 is still silent.
+        try:
+            follow.wait(10)
+        except subprocess.TimeoutExpired:
+            follow.kill()
+            follow.wait(5)
+        assert follow.returncode == 0, follow.stderr.read() if follow.stderr else ""
+    finally:
+        w2.proc.send_signal(signal.SIGCONT)
+        if follow.poll() is None:
+            follow.kill()
+        s1.wait_for(
+            "w2 alive again",
+            lambda: all(
+                m["statusText"] == "alive" for m in s1.http.get("/v1/members").json()
+            ),
+            30,
+        )
