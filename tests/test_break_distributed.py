@@ -43,6 +43,14 @@ def read_pid(path: Path, node: AgentProcess) -> int:
     return int(str(text).strip())
 
 
+def kill_pid_in(path: Path) -> None:
+    """Ends a job process a test started (it outlives a killed agent)."""
+    if path.exists() and path.read_text().strip():
+        pid = int(path.read_text())
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def execution(node: AgentProcess, job: str, exec_id: str) -> dict[str, Any]:
     response = node.http.get(
         f"/v1/jobs/{job}/executions/{exec_id}", params={"consistent": ""}
@@ -79,8 +87,7 @@ def test_deleting_a_job_stops_its_running_execution(
         # Three heartbeat rounds are plenty for the agent to hear of it.
         s1.wait_for("the deleted job's process ends", lambda: not pid_alive(pid), 12)
     finally:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_pid_in(pid_file)
 
 
 @pytest.mark.xfail(
@@ -182,10 +189,16 @@ def test_paused_leader_does_not_fail_healthy_runs_when_it_resumes(
     tmp_path: Path,
 ) -> None:
     nodes = start_mesh(tmp_path, "--execution-timeout", "8")
+    pid_file = tmp_path / "pid"
     try:
         servers = nodes[:3]
         leader = leader_of(servers)
-        job = shell_job("steady", "sleep 50; echo finished", tags={"id": "w1"})
+        job = shell_job(
+            "steady",
+            f"echo $$ > {pid_file}; exec sleep 50",
+            tags={"id": "w1"},
+            config={"shell": "true"},
+        )
         assert leader.post_job(job).status_code == 201
         run = leader.http.post("/v1/jobs/steady/run")
         assert run.status_code == 202, run.text
@@ -206,6 +219,7 @@ def test_paused_leader_does_not_fail_healthy_runs_when_it_resumes(
         assert found["finished_at"] is None, found["output"]
     finally:
         stop_all(nodes)
+        kill_pid_in(pid_file)
 
 
 @pytest.mark.xfail(
@@ -349,11 +363,14 @@ def test_each_successful_parent_group_triggers_its_dependent(
     "node's gRPC stream without a deadline: when the node stops answering, "
     "the follower hangs even after the run is recorded failed",
 )
-def test_follow_ends_when_the_run_is_declared_lost(mesh: list[AgentProcess]) -> None:
+def test_follow_ends_when_the_run_is_declared_lost(
+    mesh: list[AgentProcess], tmp_path: Path
+) -> None:
     s1, s2, w2 = mesh[0], by_name(mesh, "s2"), by_name(mesh, "w2")
+    pid_file = tmp_path / "pid"
     job = shell_job(
         "follow-lost",
-        "echo started; sleep 60",
+        f"echo $$ > {pid_file}; echo started; exec sleep 60",
         tags={"id": "w2"},
         config={"shell": "true"},
     )
@@ -402,6 +419,7 @@ def test_follow_ends_when_the_run_is_declared_lost(mesh: list[AgentProcess]) -> 
         w2.proc.send_signal(signal.SIGCONT)
         if follow.poll() is None:
             follow.kill()
+        kill_pid_in(pid_file)
         s1.wait_for(
             "w2 alive again",
             lambda: all(
