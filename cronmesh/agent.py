@@ -36,7 +36,8 @@ from cronmesh.core.executors.shell import dropped_tail, install_pidfd_child_watc
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
 from cronmesh.core.liveness import HEARTBEAT_INTERVAL, LivenessWatch
 from cronmesh.core.model import Execution, Job, format_time
-from cronmesh.core.notify import Notifier, NotifySettings
+from cronmesh.core.notify import Notifier as Notifications
+from cronmesh.core.notify import NotifySettings
 from cronmesh.core.runner import Runner
 from cronmesh.core.schedule import load_zone, parse_schedule
 from cronmesh.core.scheduler import DEFAULT_CATCH_UP, Scheduler
@@ -45,6 +46,7 @@ from cronmesh.errors import (
     ConflictError,
     CronmeshError,
     NotFoundError,
+    UnavailableError,
     ValidationError,
 )
 from cronmesh.gossip.config import profile as gossip_profile
@@ -66,11 +68,21 @@ from cronmesh.rpc.tls import RpcSecurity
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.outbox import Outbox
 from cronmesh.storage.state import StateStore
+from cronmesh.systemd import Notifier, Phase
 
 __all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
 
 # Tags the agent sets itself; `--tag` may not set them.
-RESERVED_TAGS = ("dc", "region", "server", "rpc_addr", "port", "version", "expect")
+RESERVED_TAGS = (
+    "dc",
+    "region",
+    "server",
+    "rpc_addr",
+    "port",
+    "version",
+    "expect",
+    "cluster",
+)
 
 log = logging.getLogger("cronmesh.agent")
 
@@ -189,6 +201,8 @@ class Agent:
                 self.server_peers,
                 bootstrap_expect=config.bootstrap_expect,
                 left=self.servers_left,
+                identities=self.server_identities,
+                on_identity=self._identity_changed,
                 settings=RaftSettings(tick=config.raft_tick),
                 security=self.rpc_security,
             )
@@ -219,18 +233,19 @@ class Agent:
             self.store, self.dispatcher, catch_up=config.catch_up_window
         )
         self.metrics = Metrics(self)
-        self.notifier = Notifier(
+        self.notifications = Notifications(
             self.node_name,
             config.notify,
             store=self.store,
             is_leader=self.is_leader,
             registry=self.metrics.registry,
         )
+        self.dispatcher.observe_fire_lag = self.metrics.observe_fire_lag
         self.fsm.listeners += [
             self.scheduler.on_event,
             self.dispatcher.on_event,
             self.metrics.on_event,
-            self.notifier.on_event,
+            self.notifications.on_event,
         ]
         self.paused = False
         self.http_host, self.http_port = parse_addr(config.http_addr, 8080, "http-addr")
@@ -238,12 +253,19 @@ class Agent:
         self._server: uvicorn.Server | None = None
         self._background: set[asyncio.Task[object]] = set()
         self.exit_error = ""
+        self.name_conflict = ""  # set when another member holds our name
         self._reaped: set[str] = set()
+        # systemd's notify protocol (a no-op when not run by systemd).
+        self.notifier = Notifier.from_environ()
+        self._left_mesh = False
 
     # -- identity
     @property
     def tags(self) -> dict[str, str]:
         host = self.advertise[0]
+        # `cluster`: the id of a server's Raft cluster (cluster.py), "" while
+        # it has none.
+        ours = {"cluster": self.cluster.cluster_id} if self.cluster else {}
         # `role` is Dkron's member marker, but users target jobs with it
         # (`"role": "worker:1"`), so a user's value wins; the rest are ours.
         return {
@@ -256,6 +278,7 @@ class Agent:
             "rpc_addr": f"{host}:{self.config.rpc_port}",
             "port": str(self.config.rpc_port),
             "expect": str(self.config.bootstrap_expect),
+            **ours,
         }
 
     def is_leader(self) -> bool:
@@ -268,9 +291,10 @@ class Agent:
 
     def problems(self) -> list[str]:
         """What keeps this node from working, for /health."""
-        if self.cluster is not None and self.cluster.driver.broken:
-            return [self.cluster.driver.broken]
-        return []
+        found = [self.name_conflict] if self.name_conflict else []
+        if self.cluster is not None:
+            found += self.cluster.problems()
+        return found
 
     def leader_name(self) -> str | None:
         if self.cluster is None:
@@ -287,10 +311,28 @@ class Agent:
 
     def gossip_stats(self) -> dict[str, str]:
         """Mesh statistics for /v1 (serf's section in Dkron)."""
+        keyring = self.gossip.keyring if self.gossip is not None else None
+        encrypted = "true" if keyring is not None else "false"
         if self.gossip is None or not self.gossip.started:
-            return {"members": "1"}
+            return {"members": "1", "encrypted": encrypted}
         stats = {k: str(v) for k, v in self.gossip.stats.as_dict().items()}
-        return {"members": str(len(self.gossip.members())), **stats}
+        members = str(len(self.gossip.members()))
+        return {"members": members, "encrypted": encrypted, **stats}
+
+    def raft_stats(self) -> dict[str, str] | None:
+        """Raft's view for /v1 (servers only), strings as serf's stats."""
+        node = self.cluster.driver.node if self.cluster is not None else None
+        if self.cluster is None or node is None:
+            return None
+        status = node.status()
+        return {
+            "state": status.role.name.lower(),
+            "term": str(status.term),
+            "leader": self.leader_name() or "",
+            "commit_index": str(status.commit),
+            "applied_index": str(status.applied),
+            "last_log_index": str(status.last_index),
+        }
 
     def members(self) -> list[dict[str, Any]]:
         """Every member this node knows, in Dkron's (serf's) shape."""
@@ -384,7 +426,14 @@ class Agent:
 
         Only the leader dispatches: a follower server asks the leader's API
         through gRPC (the same path a non-server agent uses).
+
+        Raises:
+            UnavailableError: the agent is stopping.
         """
+        if self._stop.is_set():
+            raise UnavailableError(
+                f"agent {self.node_name} is stopping and starts no new runs"
+            )
         if not self.is_leader():
             raise NotLeaderError(self._leader_hint() or "")
         outcome = await self.dispatcher.fire(name, trigger="manual", force=force)
@@ -450,6 +499,23 @@ class Agent:
                     peers[member.name] = member.tags["rpc_addr"]
         return peers
 
+    def server_identities(self) -> dict[str, str]:
+        """The other servers alive in the mesh and their cluster ids ("" for
+        a server that has none yet)."""
+        if self.gossip is None:
+            return {}
+        return {
+            m.name: m.tags.get("cluster", "")
+            for m in self.gossip.members()
+            if m.name != self.node_name
+            and m.status == "alive"
+            and m.tags.get("server") == "true"
+        }
+
+    def _identity_changed(self, cluster_id: str) -> None:
+        if self.gossip is not None and self.gossip.started:
+            self.gossip.set_tags(self.tags)
+
     def servers_left(self) -> set[str]:
         """Servers to remove from Raft: they left the mesh gracefully, or
         stayed failed past the reconnect timeout (reaped)."""
@@ -494,8 +560,11 @@ class Agent:
         if self._candidate_cache is not None and now - self._candidate_cache[0] < 0.25:
             return self._candidate_cache[1]
         found: dict[str, Candidate] = {}
+        mine = self.cluster.cluster_id if self.cluster is not None else ""
         if self.gossip is not None:
             for member in self.gossip.members():
+                if mine and member.tags.get("cluster", mine) not in ("", mine):
+                    continue  # a server of another cluster in the same mesh
                 status = "alive" if member.status == "suspect" else member.status
                 found[member.name] = Candidate(member.name, dict(member.tags), status)
         found[self.node_name] = Candidate(self.node_name, self.tags, "alive")
@@ -528,13 +597,24 @@ class Agent:
     async def _accept_run(
         self, job_doc: dict[str, Any], exec_doc: dict[str, Any]
     ) -> None:
-        """gRPC AgentRun: the leader hands this node an execution."""
+        """gRPC AgentRun: the leader hands this node an execution.
+
+        Raises:
+            UnavailableError: this agent is stopping; the leader records the
+                run as not run.
+        """
         job = Job.from_stored(job_doc)
         execution = Execution.from_json(exec_doc)
         if execution.node_name != self.node_name:
             raise CronmeshError(
                 f"execution {execution.id} is for {execution.node_name!r}, "
                 f"this node is {self.node_name!r}"
+            )
+        if self._stop.is_set() and execution.id not in self.runner.live:
+            # Limitation: a stopping server stays alive in the mesh until its
+            # runs end (see shutdown), so a leader may still pick it.
+            raise UnavailableError(
+                f"agent {self.node_name} is stopping and starts no new runs"
             )
         started = await self.runner.accept(job, execution)
         if started:
@@ -639,8 +719,7 @@ class Agent:
         finished = []
         for entry in running:
             job, _, exec_id = entry.partition("/")
-            stored = self.store.get_execution(job, exec_id)
-            if stored is not None and not stored.running:
+            if self.store.execution_state(job, exec_id) == "finished":
                 finished.append(entry)
         return agent_pb2.HeartbeatReply(ok=True, unknown=finished)
 
@@ -692,11 +771,12 @@ class Agent:
             status = {c.name: c.status for c in self._candidates()}
             self.liveness.heard(self.runner.running_ids(), time.monotonic())
             self.liveness.heard(list(self.runner.unreported), time.monotonic())
-            running = self.store.running()
-            for execution, reason in self.liveness.overdue(
-                running, status, time.monotonic()
-            ):
-                if execution.id in self._reaping:
+            running = self.store.running_refs()
+            for ref, reason in self.liveness.overdue(running, status, time.monotonic()):
+                if ref.id in self._reaping:
+                    continue
+                execution = self.store.get_execution(ref.job_name, ref.id)
+                if execution is None or not execution.running:
                     continue
                 self._reaping.add(execution.id)
                 log.warning(
@@ -760,11 +840,15 @@ class Agent:
         task.add_done_callback(self._background.discard)
 
     def _leadership_changed(self, leading: bool) -> None:
+        if self.notifier.phase is Phase.READY:
+            self.notifier.status(self._status())
         task = asyncio.create_task(self._lead() if leading else self._follow())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _lead(self) -> None:
+        if self._stop.is_set():
+            return  # elected again while stopping: schedule nothing here
         self.dispatcher.active = True
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="sweep")
@@ -805,7 +889,9 @@ class Agent:
         install_pidfd_child_watcher()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
+        self.notifier.start_watchdog()
+        self.notifier.status("starting")
         # Bind the API first so a busy port fails at once, but answer only
         # once the node has joined: a client that sees /health must be
         # able to count on the membership it asked for.
@@ -818,6 +904,7 @@ class Agent:
                 await self._start_rpc()
         except BaseException:
             http_socket.close()
+            await self.notifier.close()
             raise
         server_task = await self._start_http(http_socket)
         self._spawn(self.recover_interrupted())
@@ -830,6 +917,7 @@ class Agent:
             self.config.data_dir,
             os.getpid(),
         )
+        self.notifier.ready(self._status())
         try:
             await self._stop.wait()
         finally:
@@ -902,9 +990,12 @@ class Agent:
             self.gossip.set_tags(self.tags)
         if self.config.join:
             joined = await self.gossip.join(self.config.join)
+            if self.name_conflict:
+                raise CronmeshError(self.name_conflict)
             if not joined:
                 raise CronmeshError(
-                    f"--join: no member answered at {', '.join(self.config.join)}"
+                    f"--join: no member answered: "
+                    f"{self.gossip.join_failure(self.config.join)}"
                 )
         known = self._remembered_members()
         if known:
@@ -966,6 +1057,9 @@ class Agent:
 
     def _member_event(self, kind: str, member: Any) -> None:
         self._candidate_cache = self._server_cache = None
+        if kind == "conflict":
+            self._name_taken(member)
+            return
         if kind in ("join", "update"):
             self._remember_members()
         if kind == "reap" and member.tags.get("server") == "true":
@@ -985,14 +1079,46 @@ class Agent:
             member.port,
         )
 
-    def reload(self) -> None:
-        """SIGHUP: re-read tags, log level and notification settings from the
-        sources the agent started with; re-announce tags; re-read the API
-        tokens file (a broken one keeps the old tokens); reload the keyring."""
+    def _name_taken(self, member: Any) -> None:
+        """Joining, we met a live member with our name: we give way."""
+        self.name_conflict = (
+            f"--node-name {self.node_name}: a live member of the mesh at "
+            f"{member.addr}:{member.port} already has this name; every agent "
+            f"needs its own name"
+        )
+        log.error("refusing to run: %s", self.name_conflict)
+        self.exit_error = self.name_conflict
+        self.stop()
+
+    def _status(self) -> str:
+        """One line for `systemctl status`."""
+        where = f"serving on {self.http_host}:{self.http_port}"
+        if self.cluster is None:
+            return where
+        return f"{where}; raft {'leader' if self.is_leader() else 'follower'}"
+
+    def _reload_signalled(self) -> None:
+        """SIGHUP: reload, with systemd told when it begins and ends."""
+        self.notifier.reloading()
+        problem = self.reload()
+        status = self._status()
+        if problem:
+            status = f"{status}; reload failed, old settings kept: {problem}"
+        self.notifier.reloaded(status)
+
+    def reload(self) -> str:
+        """Re-read tags, log level and notification settings from the sources
+        the agent started with; re-announce tags; re-read the API tokens file
+        (a broken one keeps the old tokens); reload the keyring.
+
+        Returns "" when the settings were applied, else why not (the old
+        settings stay).
+        """
         from cronmesh.config import apply_reload
 
-        apply_reload(self.config)
-        self.notifier.configure(self.config.notify)
+        problem = apply_reload(self.config)
+        if not problem:
+            self.notifications.configure(self.config.notify)
         try:
             self.acl.reload(self.config.acl_tokens)
         except CronmeshError as exc:
@@ -1000,6 +1126,7 @@ class Agent:
         self._reload_keyring()
         if self.gossip is not None:
             self.gossip.set_tags(self.tags)
+        return problem
 
     def _reload_keyring(self) -> None:
         """Bring the live keyring in line with keyring.json (rotation)."""
@@ -1023,17 +1150,46 @@ class Agent:
         self._stop.set()
 
     async def shutdown(self, server_task: asyncio.Task[None] | None) -> None:
+        """Stop gracefully; the steps run in this order:
+
+        1. Start nothing new: the scheduler stops, follow-up runs are
+           dropped, manual runs get 503, executions another leader hands
+           over are refused. Fires missed meanwhile run on the next leader
+           (catch-up window), so nothing is lost by doing this first, and
+           no run starts here that the shutdown must wait for.
+        2. An agent leaves the gossip mesh, so the leader stops picking it
+           (its heartbeats keep its running executions alive); a server
+           hands Raft leadership to another voter, which then schedules.
+        3. Wait up to --shutdown-grace for running executions, reporting
+           their results; kill what still runs then (recorded as failed).
+        4. A server leaves the mesh only now: its leaving makes the leader
+           remove it from Raft, after which it could lose track of the
+           leader and no longer report the results of step 3.
+        5. Stop Raft, gossip and HTTP; `run` returns (exit code 0).
+        """
         log.info("agent stopping node=%s", self.node_name)
+        self.notifier.stopping("stopping: no new runs")
         await self.scheduler.stop()
         await self.dispatcher.stop()
-        if self.runner.live:
+        if self.cluster is None:
+            await self._leave_mesh()
+        else:
+            await self.cluster.hand_over_leadership()
+        running = len(self.runner.running_ids())
+        if running:
             log.info(
                 "waiting for running executions count=%d up_to=%.0fs",
-                len(self.runner.live),
+                running,
                 self.config.shutdown_grace,
             )
+            self.notifier.status(
+                f"stopping: waiting for {running} running executions "
+                f"(up to {self.config.shutdown_grace:g}s)"
+            )
         await self.runner.stop(self.config.shutdown_grace)
-        await self.notifier.close()
+        await self._leave_mesh()
+        self.notifier.status("stopping: closing")
+        await self.notifications.close()
         for task in list(self._background):
             task.cancel()
         if self._sweeper is not None:
@@ -1044,7 +1200,6 @@ class Agent:
             await self._rpc_server.stop(1)
         await self.channels.close()
         if self.gossip is not None:
-            await self.gossip.leave(timeout=3.0)
             await self.gossip.stop()
         if self._server is not None:
             self._server.should_exit = True
@@ -1053,7 +1208,18 @@ class Agent:
                 await asyncio.wait_for(server_task, 5)
         self.outbox.close()
         self.data.close()
+        await self.notifier.close()
         log.info("agent stopped node=%s", self.node_name)
+
+    async def _leave_mesh(self) -> None:
+        """Leave the gossip mesh gracefully (once)."""
+        if self.gossip is None or self._left_mesh:
+            return
+        self._left_mesh = True
+        # After a name conflict a "left" under our name would be taken as
+        # news about the member that owns the name: say nothing.
+        if not self.name_conflict:
+            await self.gossip.leave(timeout=3.0)
 
 
 class _QuietServer(uvicorn.Server):

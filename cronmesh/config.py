@@ -900,19 +900,20 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def apply_reload(config: AgentConfig) -> bool:
+def apply_reload(config: AgentConfig) -> str:
     """SIGHUP: put the reloadable settings into `config`, log what changed.
 
-    Returns False (and changes nothing) when the new settings are invalid.
+    Returns "" when applied (or nothing to re-read), else why the new
+    settings are invalid (and then nothing is changed).
     """
     if not isinstance(config.sources, ConfigSources):
         log.info("configuration not reloaded: the agent was not started from one")
-        return False
+        return ""
     try:
         fresh = reload(config, config.sources)
     except ValidationError as exc:
         log.error("reload failed, keeping the old settings: %s", exc)
-        return False
+        return str(exc)
     for warning in fresh.warnings:
         log.warning("%s", warning)
     config.tags = fresh.tags
@@ -929,4 +930,4 @@ def apply_reload(config: AgentConfig) -> bool:
         ",".join(f"{k}={v}" for k, v in sorted(fresh.tags.items())),
         fresh.log_level,
     )
-    return True
+    return ""

@@ -6,6 +6,7 @@
     ├── NotFoundError        a job or execution that does not exist (HTTP 404)
     ├── ConflictError        the request clashes with stored state (HTTP 409)
     ├── StorageError         LMDB failed, the data dir is locked or the disk is full
+    ├── UnavailableError     the node is stopping: no new runs (HTTP 503)
     ├── TransportError       a peer could not be reached
     ├── RemoteError          a peer answered with something we cannot use
     └── InvariantViolation   a bug: an internal rule was broken
@@ -22,6 +23,7 @@ __all__ = [
     "ScheduleError",
     "StorageError",
     "TransportError",
+    "UnavailableError",
     "ValidationError",
 ]
 
@@ -56,6 +58,10 @@ class ConflictError(CronmeshError):
 
 class StorageError(CronmeshError):
     """The storage layer failed: LMDB error, lock held, disk full."""
+
+
+class UnavailableError(CronmeshError):
+    """This node takes no such request now (it is stopping); another may."""
 
 
 class TransportError(CronmeshError):

@@ -76,6 +76,7 @@ def test_wrong_key_is_not_admitted_and_rotation_needs_no_downtime(
     outsider.start(wait=False)
     assert outsider.proc is not None and outsider.proc.wait(30) == 1
     assert "no member answered" in outsider.log()
+    assert "cannot decrypt" in outsider.log() and "--encrypt" in outsider.log()
     assert set(statuses(nodes[0])) == {"a1", "a2"}
     # Rotate A -> B on both nodes while they run.
     for step in (("install", KEY_B), ("use", KEY_B), ("remove", KEY_A)):

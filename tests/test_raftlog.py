@@ -323,6 +323,69 @@ def test_persist_refuses_a_gap_and_writes_nothing(data: DataDir) -> None:
     assert storage.stable.hard_state() == HardState(1)
 
 
+def test_persist_through_a_committer_shares_its_transaction(
+    dirs: DataDirs, data: DataDir
+) -> None:
+    storage = LmdbRaftStorage(data)
+    extra = data.db("extra")
+    commits = 0
+
+    def committer(body: Any) -> Any:
+        nonlocal commits
+
+        def both(txn: lmdb.Transaction) -> Any:
+            state = body(txn)
+            txn.put(b"applied", b"2", db=extra)
+            return state
+
+        commits += 1
+        return data.write(both)
+
+    ready = Ready(entries=(Entry(1, 1), Entry(2, 1)), hard_state=HardState(1, "a"))
+    storage.persist(ready, committer)
+    assert commits == 1
+    assert log_state(storage.log) == (1, 2, [Entry(1, 1), Entry(2, 1)])
+    data = dirs.reopen(data)
+    again = LmdbRaftStorage(data)
+    assert log_state(again.log) == (1, 2, [Entry(1, 1), Entry(2, 1)])
+    assert again.stable.hard_state() == HardState(1, "a")
+    extra = data.db("extra")
+    with data.read() as txn:
+        assert txn.get(b"applied", db=extra) == b"2"
+    dirs.close(again.data)
+
+
+def test_a_failing_committer_writes_nothing_and_keeps_the_caches(
+    dirs: DataDirs, data: DataDir
+) -> None:
+    storage = LmdbRaftStorage(data)
+    storage.persist(Ready(entries=(Entry(1, 1),), hard_state=HardState(1)))
+    extra = data.db("extra")
+
+    def committer(body: Any) -> Any:
+        def both(txn: lmdb.Transaction) -> Any:
+            body(txn)
+            txn.put(b"applied", b"2", db=extra)
+            raise StorageError("the other half failed")
+
+        return data.write(both)
+
+    with pytest.raises(StorageError, match="other half"):
+        storage.persist(
+            Ready(entries=(Entry(2, 1),), hard_state=HardState(2, "b")), committer
+        )
+    assert log_state(storage.log) == (1, 1, [Entry(1, 1)])
+    assert storage.stable.hard_state() == HardState(1)
+    data = dirs.reopen(data)
+    again = LmdbRaftStorage(data)
+    assert log_state(again.log) == (1, 1, [Entry(1, 1)])
+    assert again.stable.hard_state() == HardState(1)
+    extra = data.db("extra")
+    with data.read() as txn:
+        assert txn.get(b"applied", db=extra) is None
+    dirs.close(again.data)
+
+
 def test_a_raft_node_runs_and_restarts_on_lmdb_storage(
     dirs: DataDirs, data: DataDir, caplog: pytest.LogCaptureFixture
 ) -> None:

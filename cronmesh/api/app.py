@@ -33,6 +33,7 @@ from cronmesh.errors import (
     CronmeshError,
     NotFoundError,
     StorageError,
+    UnavailableError,
     ValidationError,
 )
 
@@ -207,6 +208,7 @@ def _errors(app: FastAPI) -> None:
     app.add_exception_handler(NotFoundError, plain(404))
     app.add_exception_handler(StorageError, plain(503))
     app.add_exception_handler(NotLeaderError, plain(503))
+    app.add_exception_handler(UnavailableError, plain(503))
     app.add_exception_handler(CronmeshError, plain(500))
 
     @app.exception_handler(StarletteHTTPException)
@@ -242,14 +244,20 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
     @app.get("/v1")
     @app.get("/v1/")
     async def index(request: Request) -> Response:
-        return _reply(
-            request,
-            {
-                "agent": {"name": agent.node_name, "version": __version__},
-                "serf": agent.gossip_stats(),
-                "tags": agent.tags,
+        body: dict[str, Any] = {
+            # `time` is ours: `cronmesh doctor` compares the servers' clocks.
+            "agent": {
+                "name": agent.node_name,
+                "version": __version__,
+                "time": datetime.now(UTC).isoformat(),
             },
-        )
+            "serf": agent.gossip_stats(),
+            "tags": agent.tags,
+        }
+        raft = agent.raft_stats()
+        if raft is not None:
+            body["raft"] = raft  # ours, as Consul's agent/self stats
+        return _reply(request, body)
 
     @app.get("/v1/members")
     async def members(request: Request) -> Response:
@@ -287,12 +295,9 @@ def _meta_routes(app: FastAPI, agent: Agent) -> None:
     async def remove_peer(request: Request, peer_id: str) -> Response:
         if agent.cluster is None:
             raise NotFoundError("this agent is not a server: it has no Raft peers")
-        if not agent.is_leader():
-            raise NotLeaderError(agent.leader_name() or "")
-        if peer_id not in agent.cluster.driver.membership.members:
-            raise NotFoundError(f"{peer_id!r} is not in the Raft configuration")
-        await agent.cluster.remove_peer(peer_id)
-        return _reply(request, agent.cluster.peers_table())
+        # Any server: a follower passes it on to the leader.
+        rows = await agent.cluster.remove_peer(peer_id)
+        return _reply(request, rows)
 
     @app.get("/v1/busy")
     async def busy(request: Request) -> Response:

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["CaCertOpt", "Client", "TokenOpt", "executions", "jobs_app"]
+__all__ = ["CaCertOpt", "Client", "JobArg", "TokenOpt", "executions", "jobs_app"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8080"
 
@@ -48,6 +48,7 @@ CaCertOpt = Annotated[
         help="PEM CA that signed the agent's HTTPS cert (env CRONMESH_CA_CERT).",
     ),
 ]
+JobArg = Annotated[str, typer.Argument(help="Name of the job.")]
 
 out = Console()
 
@@ -161,7 +162,7 @@ def list_jobs(
 
 @jobs_app.command("show")
 def show(
-    job: str,
+    job: JobArg,
     address: AddressOpt = DEFAULT_ADDRESS,
     token: TokenOpt = "",
     ca_cert: CaCertOpt = "",
@@ -224,7 +225,7 @@ def apply(
 
 @jobs_app.command("delete")
 def delete(
-    job: str,
+    job: JobArg,
     address: AddressOpt = DEFAULT_ADDRESS,
     token: TokenOpt = "",
     ca_cert: CaCertOpt = "",
@@ -240,7 +241,7 @@ def delete(
 
 @jobs_app.command("run")
 def run(
-    job: str,
+    job: JobArg,
     address: AddressOpt = DEFAULT_ADDRESS,
     token: TokenOpt = "",
     ca_cert: CaCertOpt = "",
@@ -257,7 +258,7 @@ def run(
 
 @jobs_app.command("toggle")
 def toggle(
-    job: str,
+    job: JobArg,
     address: AddressOpt = DEFAULT_ADDRESS,
     token: TokenOpt = "",
     ca_cert: CaCertOpt = "",
@@ -273,7 +274,7 @@ def toggle(
 
 
 def executions(
-    job: str,
+    job: JobArg,
     address: AddressOpt = DEFAULT_ADDRESS,
     token: TokenOpt = "",
     ca_cert: CaCertOpt = "",

@@ -62,6 +62,10 @@ def leave(
         out.print("the agent is leaving the cluster and stopping")
 
 
-def keygen() -> None:
+def keygen(as_json: JsonOpt = False) -> None:
     """Print a new gossip encryption key (for --encrypt)."""
-    print(generate_key())
+    key = generate_key()
+    if as_json:
+        print_json({"key": key})
+    else:
+        print(key)

@@ -60,12 +60,19 @@ def logs(
         bool,
         typer.Option("--follow", "-f", help="Stream the output until the run ends."),
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the output of one execution (so far, if it runs)."""
+    if as_json and follow:
+        fail("--json: not with --follow (the output streams as it comes)", 2)
     client = Client(address, token, ca_cert)
     path = f"/v1/jobs/{job}/executions/{execution_id}/output"
     if not follow:
-        sys.stdout.write(client.call("GET", path).text)
+        text = client.call("GET", path).text
+        if as_json:
+            print_json({"job": job, "execution_id": execution_id, "output": text})
+        else:
+            sys.stdout.write(text)
         return
     try:
         with client.http.stream(

@@ -22,6 +22,7 @@ __all__ = ["app"]
 
 app = typer.Typer(help="The gossip encryption keyring of a node.", no_args_is_help=True)
 
+KeyArg = Annotated[str, typer.Argument(help="A base64 key (cronmesh keygen).")]
 DataDirOpt = Annotated[
     Path,
     typer.Option("--data-dir", help="The node's data dir (default: cronmesh.data)."),
@@ -57,7 +58,7 @@ def list_keys(
         out.print(f"{key}{'  (primary)' if i == 0 else ''}", highlight=False)
 
 
-def _change(data_dir: Path, key: str, action: str) -> None:
+def _change(data_dir: Path, key: str, action: str, as_json: bool) -> None:
     try:
         decode_key(key)
         ring = _load(data_dir)
@@ -65,22 +66,32 @@ def _change(data_dir: Path, key: str, action: str) -> None:
         ring.save(data_dir)
     except CronmeshError as exc:
         fail(f"{action}: {exc}", 2)
+    if as_json:
+        keys = [_fingerprint(k) for k in ring.keys]
+        print_json({"action": action, "primary": keys[0], "keys": keys})
+        return
     out.print(f"{action}: done in {data_dir / KEYRING_FILE}; reload the agent (SIGHUP)")
 
 
 @app.command("install")
-def install(key: str, data_dir: DataDirOpt = Path("cronmesh.data")) -> None:
+def install(
+    key: KeyArg, data_dir: DataDirOpt = Path("cronmesh.data"), as_json: JsonOpt = False
+) -> None:
     """Add a key that this node accepts (it still encrypts with the primary)."""
-    _change(data_dir, key, "install")
+    _change(data_dir, key, "install", as_json)
 
 
 @app.command("use")
-def use(key: str, data_dir: DataDirOpt = Path("cronmesh.data")) -> None:
+def use(
+    key: KeyArg, data_dir: DataDirOpt = Path("cronmesh.data"), as_json: JsonOpt = False
+) -> None:
     """Make an installed key the one this node encrypts with."""
-    _change(data_dir, key, "use")
+    _change(data_dir, key, "use", as_json)
 
 
 @app.command("remove")
-def remove(key: str, data_dir: DataDirOpt = Path("cronmesh.data")) -> None:
+def remove(
+    key: KeyArg, data_dir: DataDirOpt = Path("cronmesh.data"), as_json: JsonOpt = False
+) -> None:
     """Stop accepting a key (not the primary one)."""
-    _change(data_dir, key, "remove")
+    _change(data_dir, key, "remove", as_json)

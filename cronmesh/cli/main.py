@@ -8,8 +8,11 @@ reached, 2 bad usage or bad input (see docs/cli.md).
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
+from typing import Annotated
 
 import typer
+from typer.completion import get_completion_script
 
 from cronmesh import __version__
 from cronmesh.cli import (
@@ -17,16 +20,30 @@ from cronmesh.cli import (
     backup_cmd,
     client,
     cluster_cmds,
+    doctor,
     executions_cmd,
     keyring_cmd,
     raft,
     schedule,
 )
+from cronmesh.cli.client import JsonOpt, print_json
 
-__all__ = ["app", "main"]
+__all__ = ["EXIT_CODES", "PROG", "app", "main"]
+
+PROG = "cronmesh"
+
+# Every exit status `cronmesh` uses; scripts/gen-cli-docs lists them.
+EXIT_CODES = {
+    0: "done (`doctor`: no check failed)",
+    1: "the server said no or could not be reached, or a runtime error "
+    "(`agent`: it could not start or stopped on an error; `doctor`: a check failed)",
+    2: "bad usage or bad input: an unknown flag, an invalid value or file, HTTP 400",
+    130: "interrupted: Ctrl-C in a client command (the agent stops gracefully "
+    "on SIGINT and exits 0)",
+}
 
 app = typer.Typer(
-    name="cronmesh",
+    name=PROG,
     help="A fault-tolerant distributed cron scheduler that speaks Dkron's API.",
     no_args_is_help=True,
     add_completion=True,
@@ -44,12 +61,40 @@ app.command("keygen")(cluster_cmds.keygen)
 app.add_typer(keyring_cmd.app, name="keyring")
 app.command("backup")(backup_cmd.backup)
 app.command("restore")(backup_cmd.restore)
+app.command("doctor")(doctor.doctor)
 
 
 @app.command("version")
-def version() -> None:
+def version(as_json: JsonOpt = False) -> None:
     """Print the version of cronmesh."""
-    typer.echo(f"cronmesh {__version__}")
+    if as_json:
+        print_json({"version": __version__})
+    else:
+        typer.echo(f"cronmesh {__version__}")
+
+
+class Shell(StrEnum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+    powershell = "powershell"
+    pwsh = "pwsh"
+
+
+@app.command("completion")
+def completion(
+    shell: Annotated[Shell, typer.Argument(help="The shell to complete in.")],
+) -> None:
+    """Print the shell completion script for SHELL.
+
+    For example `cronmesh completion bash > /etc/bash_completion.d/cronmesh`.
+    `cronmesh --install-completion` installs it for the shell it runs in.
+    """
+    typer.echo(
+        get_completion_script(
+            prog_name=PROG, complete_var=f"_{PROG.upper()}_COMPLETE", shell=shell.value
+        )
+    )
 
 
 def _click_error(name: str) -> type[Exception]:
@@ -65,7 +110,9 @@ ClickException = _click_error("ClickException")
 def main() -> None:
     """Entry point: run the app, turning usage errors into one line, exit 2."""
     try:
-        code = app(standalone_mode=False)
+        # A fixed name, so `python -m cronmesh` prints the same usage and
+        # completion scripts as the installed command.
+        code = app(prog_name=PROG, standalone_mode=False)
     except typer.Abort:
         sys.stderr.write("cronmesh: aborted\n")
         sys.exit(130)

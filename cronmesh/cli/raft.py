@@ -66,7 +66,8 @@ def remove_peer(
     ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove a failed server from the Raft configuration (ask the leader)."""
+    """Remove a failed server from the Raft configuration (any server; a live
+    server is refused: stop it first)."""
     rows = (
         Client(address, token, ca_cert)
         .call("DELETE", f"/v1/raft/peers/{peer_id}")
@@ -88,6 +89,7 @@ def recover(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="Data dir of this (stopped) server.")
     ] = Path("cronmesh.data"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Offline: force the Raft configuration to the servers in --peers.
 
@@ -118,6 +120,9 @@ def recover(
         index, term = force_configuration(LmdbRaftStorage(data), set(voters))
     finally:
         data.close()
+    if as_json:
+        print_json({"voters": sorted(voters), "index": index, "term": term})
+        return
     out.print(
         f"wrote configuration {sorted(voters)} at index {index} (term {term}) "
         f"in {data_dir}; start the agent now"

@@ -120,6 +120,8 @@ class Dispatcher:
         # Hands an execution to another node; None: everything runs here.
         self.send_run: SendRun | None = None
         self.on_started: list[Callable[[Execution], None]] = []
+        # Metrics hook: seconds from a fire instant to its start committed.
+        self.observe_fire_lag: Callable[[float], None] = lambda seconds: None
 
     def _started_at(self) -> datetime:
         # Execution ids carry the start in ns; two runs of one node in the
@@ -216,6 +218,8 @@ class Dispatcher:
                 result.error,
             )
             return FireOutcome(skipped=result.error, result=result)
+        if fire_at is not None and trigger == "schedule":
+            self.observe_fire_lag((self.clock() - fire_at).total_seconds())
         for execution in executions:
             for callback in self.on_started:
                 callback(execution)

@@ -15,10 +15,20 @@ execution of a live-looking node failed. Pure logic, no clock of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from cronmesh.core.model import Execution
+from typing import Protocol, TypeVar
 
 __all__ = ["LivenessWatch"]
+
+
+class _Run(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def node_name(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Run)
 
 DEFAULT_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 3.0
@@ -45,16 +55,16 @@ class LivenessWatch:
 
     def overdue(
         self,
-        running: list[Execution],
+        running: list[R],
         node_status: dict[str, str],
         now: float,
-    ) -> list[tuple[Execution, str]]:
+    ) -> list[tuple[R, str]]:
         """The running executions to declare failed now, each with why.
 
         `node_status`: the mesh's view ("alive", "suspect", "failed",
         "left"); a node it does not know counts as gone.
         """
-        overdue: list[tuple[Execution, str]] = []
+        overdue: list[tuple[R, str]] = []
         current = set()
         for execution in running:
             current.add(execution.id)

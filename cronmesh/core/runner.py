@@ -54,6 +54,7 @@ class LiveExecution:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     finished: bool = False
+    note: str = ""  # why the runner itself cancelled it, added to the output
 
 
 class Runner:
@@ -106,6 +107,7 @@ class Runner:
         return live
 
     def running_ids(self) -> list[str]:
+        """Executions whose executor has not returned yet."""
         return [i for i, live in self.live.items() if not live.finished]
 
     def output_of(self, exec_id: str) -> str | None:
@@ -160,6 +162,8 @@ class Runner:
             log.info(
                 "job failed job=%s execution=%s error=%s", job.name, execution.id, exc
             )
+        if live.note:
+            output = f"{output}[cronmesh] {live.note}\n"
         execution.finished_at = utcnow()
         execution.success = success
         execution.output = output
@@ -303,12 +307,20 @@ class Runner:
     async def stop(self, grace: float) -> None:
         """Let running executions finish for up to `grace` seconds, then kill.
 
-        Results not yet reported stay in the outbox for the next start.
+        Only running jobs are waited for, not a leader: results not yet
+        reported stay in the outbox for the next start.
         """
         deadline = time.monotonic() + grace
         while self.running_ids() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for live in list(self.live.values()):
+        for exec_id in self.running_ids():
+            live = self.live[exec_id]
+            log.info(
+                "shutdown grace ran out, killing job=%s execution=%s",
+                live.job.name,
+                exec_id,
+            )
+            live.note = f"the agent stopped: its shutdown grace of {grace:g}s ran out"
             live.cancel.set()
         tasks = [live.task for live in self.live.values() if live.task is not None]
         if tasks:
@@ -319,5 +331,11 @@ class Runner:
         # Give reports in flight a moment; what is left goes next start.
         if self._reports:
             await asyncio.wait(list(self._reports), timeout=2.0)
+        if self._reports:
+            log.warning(
+                "results not reported before stopping count=%d; kept in the "
+                "outbox for the next start",
+                len(self._reports),
+            )
         for task in list(self._reports):
             task.cancel()

@@ -191,8 +191,11 @@ class Scheduler:
                 delay = min(MAX_SLEEP, max(0.0, self._heap[0][0] - self.wall()))
             if delay > 0:
                 self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                # Not wait_for: on Python 3.11 it swallows a cancel that
+                # comes with a wake-up, and stop() would wait forever.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
             wall1, mono1 = self.wall(), self.mono()
             if abs((wall1 - wall0) - (mono1 - mono0)) > JUMP_THRESHOLD:
                 self._clock_jumped(wall1 - wall0 - (mono1 - mono0))

@@ -4,9 +4,11 @@ Theory of operation (Lifeguard section IV.A "Local Health Aware Probe"): a
 member that is itself slow or lossy misses acks and then falsely suspects
 healthy peers. It keeps a saturating score in ``0 .. max_multiplier - 1``;
 missed acks and missing nacks during a probe, and having to refute a
-suspicion about itself, raise the score; a probe answered in time lowers it.
-Probe interval and probe timeout are multiplied by ``score + 1``, so an
-unhealthy member probes less eagerly and waits longer before suspecting.
+suspicion about itself, raise the score; a probe answered at all lowers it.
+As in memberlist, the time a probe may stay unanswered before the target is
+suspected is multiplied by ``score + 1`` (which also delays the next probe),
+so an unhealthy member waits longer before suspecting; answered probes keep
+the plain interval and the direct-ack timeout is never stretched.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ Time arrives as ``now_ms`` (driver's monotonic milliseconds) on every input;
   random members ping the target for us (SWIM 3.1) and send a nack if it
   stays silent, and the driver is asked for a TCP ping. No ack by the end
   of the interval: we suspect the target. Missed acks and missing nacks
-  raise our local health score, a direct ack lowers it; the score stretches
-  probe interval and timeout.
+  raise our local health score, any ack lowers it; the score stretches how
+  long a probe may go unanswered before we suspect (memberlist's reading
+  of Lifeguard: answered probes keep the plain interval).
 * Suspicion (SWIM 4.2; Lifeguard IV.B). A suspect member gets a timer from
   ``suspicion.py`` that shrinks with independent confirmations; when it
   fires the member is declared dead. Every message carries the member's
@@ -230,6 +231,8 @@ class GossipCore:
         self._request_id = 0
         self._leaving = False
         self._src: tuple[str, int] | None = None  # sender of the packet at hand
+        self._joins: set[int] = set()  # request ids of our own join push-pulls
+        self._merging_join = False  # merging the answer to one of them
         self._start_timers(now_ms)
         self._broadcast(name, self._alive_message())
 
@@ -261,6 +264,11 @@ class GossipCore:
         return self._leaving and self.name not in self._broadcasts
 
     @property
+    def probe_target(self) -> str | None:
+        """The member our probe in flight is about (None: no probe)."""
+        return self._probe.target if self._probe is not None else None
+
+    @property
     def pending_broadcasts(self) -> int:
         """Updates still waiting to be piggy-backed."""
         return len(self._broadcasts)
@@ -281,14 +289,23 @@ class GossipCore:
 
     def next_deadline_ms(self) -> int:
         """Earliest driver time at which ``tick`` has work to do."""
-        due = min(self._next_probe_ms, self._next_reconnect_ms, self._next_reap_ms)
+        probe = self._probe
+        if probe is None:
+            due = self._next_probe_ms
+        else:
+            # A stretched probe outlasts ``_next_probe_ms``; the next one
+            # starts when this one ends, so only its own deadline counts.
+            due = probe.end_ms if probe.indirect else probe.ack_deadline_ms
+        due = min(due, self._next_reconnect_ms, self._next_reap_ms)
         if self.config.push_pull_interval_ms:
             due = min(due, self._next_push_pull_ms)
         if self._broadcasts:
+            # Not memberlist's fixed ticker: news queued after a quiet spell
+            # (``_next_gossip_ms`` in the past) goes out at once, and only
+            # the rounds after it are spaced by the gossip interval. That
+            # spreads a suspicion or death one hop per datagram latency
+            # instead of up to one interval per hop, for one extra round.
             due = min(due, max(self._next_gossip_ms, self._now))
-        probe = self._probe
-        if probe is not None:
-            due = min(due, probe.end_ms if probe.indirect else probe.ack_deadline_ms)
         for relay in self._relays.values():
             due = min(due, relay.nack_at_ms or relay.expires_ms)
         for timer in self._suspicions.values():
@@ -363,6 +380,8 @@ class GossipCore:
         """Report how a ``tcp_requests`` entry went (``None``: it failed)."""
         self._begin(now_ms)
         entry = self._pending.pop(request_id, None)
+        joining = request_id in self._joins
+        self._joins.discard(request_id)
         if entry is None or reply is None:
             return self._finish()
         try:
@@ -374,7 +393,11 @@ class GossipCore:
         if seq is not None and isinstance(msg, Ack) and msg.seq == seq:
             self._handle_ack(msg)
         elif seq is None and isinstance(msg, PushPull):
-            self._merge_state(msg)
+            self._merging_join = joining
+            try:
+                self._merge_state(msg)
+            finally:
+                self._merging_join = False
         return self._finish()
 
     def join(self, now_ms: int, seeds: Sequence[tuple[str, int]]) -> Batch:
@@ -465,6 +488,8 @@ class GossipCore:
 
     def _request_push_pull(self, host: str, port: int, join: bool) -> None:
         request_id = self._new_request(None)
+        if join:
+            self._joins.add(request_id)
         payload = encode_stream(self._local_state(join), self.keyring)
         self._out.tcp_requests.append(
             PushPullRequest(request_id, host, port, payload, join)
@@ -536,14 +561,19 @@ class GossipCore:
     def _probe_start(self) -> None:
         """Ping the next member of the round (SWIM 4.3)."""
         cfg, now = self.config, self._now
-        interval = self._awareness.scale(cfg.probe_interval_ms)
-        self._next_probe_ms = now + interval
+        # memberlist's probe ticker runs at the plain interval: an answered
+        # probe is followed by the next one a period after it started.
+        self._next_probe_ms = now + cfg.probe_interval_ms
         target = None if self._leaving else self._next_probe_target()
         if target is None:
             return
         seq = self._next_seq()
-        timeout = self._awareness.scale(cfg.probe_timeout_ms)
-        self._probe = _Probe(seq, target.name, now + timeout, now + interval)
+        # Lifeguard IV.A as memberlist does it: the health multiplier
+        # stretches only how long a probe may take before we suspect (which
+        # also holds back the next probe); the direct-ack timeout stays put,
+        # as waiting longer does not help a datagram through.
+        end = now + self._awareness.scale(cfg.probe_interval_ms)
+        self._probe = _Probe(seq, target.name, now + cfg.probe_timeout_ms, end)
         self.stats.probes += 1
         me = self._self
         ping = Ping(seq, target.name, me.name, *_at(me))
@@ -708,6 +738,7 @@ class GossipCore:
         cfg, now = self.config, self._now
         self._next_reap_ms = now + cfg.reap_interval_ms
         self._pending = {i: e for i, e in self._pending.items() if e[0] > now}
+        self._joins &= self._pending.keys()
         for node in [n for n in self._nodes.values() if n.state in _GONE]:
             keep = cfg.reconnect_timeout_ms
             if node.state == _LEFT:
@@ -740,8 +771,10 @@ class GossipCore:
         """Probe ``msg.target`` for the requester; forward ack or nack."""
         cfg, me, now = self.config, self._self, self._now
         seq = self._next_seq()
-        # Nack at 80% of the probe timeout so it reaches the requester in
-        # time (memberlist does the same).
+        # Nack at 80% of the probe timeout so it reaches the requester
+        # before its probe period ends. memberlist waits the whole timeout,
+        # so its nacks race the end of the period and, when late, count
+        # against the requester's health.
         nack_at = now + cfg.probe_timeout_ms * 8 // 10 if msg.nack else None
         self._relays[seq] = _Relay(
             msg.host, msg.port, msg.seq, nack_at, now + cfg.probe_timeout_ms
@@ -752,9 +785,10 @@ class GossipCore:
     def _handle_ack(self, msg: Ack) -> None:
         probe = self._probe
         if probe is not None and probe.seq == msg.seq:
+            # Any answer, direct, relayed or over TCP, counts as a probe that
+            # worked and lowers the health score (memberlist's probeNode).
             self._probe = None
-            if not probe.indirect:
-                self._awareness.apply_delta(-1)
+            self._awareness.apply_delta(-1)
             return
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
@@ -777,15 +811,17 @@ class GossipCore:
         # Limitation: a dead or left member's name can move to a new address
         # at once (memberlist waits DeadNodeReclaimTime before allowing it).
         if moved and node.state not in _GONE:
-            # Two live members claim one name: keep the one we know.
-            # Limitation: the application is not told about the conflict
-            # (memberlist has a conflict delegate); it only shows in logs.
-            logger.debug(
-                "address conflict node=%s peer=%s addr=%s:%d",
-                self.name,
+            # Two live members claim one name: keep the one we know (the
+            # newcomer learns of it when it joins, see _alive_about_self).
+            logger.warning(
+                "name conflict: %s is claimed by %s:%d and %s:%d; keeping the "
+                "member known first node=%s",
                 msg.node,
+                node.host,
+                node.port,
                 msg.host,
                 msg.port,
+                self.name,
             )
             return
         if msg.incarnation <= node.incarnation and not moved:
@@ -823,10 +859,34 @@ class GossipCore:
 
     def _alive_about_self(self, msg: Alive) -> None:
         me = self._self
-        if self._leaving or msg.incarnation < me.incarnation:
+        if self._leaving:
             return
-        same = msg.meta == me.meta and (msg.host, msg.port) == (me.host, me.port)
-        if msg.incarnation == me.incarnation and same:
+        moved = (msg.host, msg.port) != (me.host, me.port)
+        if moved and self._merging_join:
+            # The mesh we are joining has a live member with our name at
+            # another address: we are the newcomer, so we yield (serf asks
+            # the members and shuts the loser down; the first one wins here).
+            claim = Member(
+                msg.node, msg.host, msg.port, msg.incarnation, msg.meta, _ALIVE, 0
+            )
+            logger.warning(
+                "name conflict: a live member named %s is at %s:%d already",
+                msg.node,
+                msg.host,
+                msg.port,
+            )
+            self._out.events.append(MemberEvent(EventKind.CONFLICT, claim))
+            return
+        if moved:
+            logger.warning(
+                "name conflict: %s:%d claims our name %s; keeping ours",
+                msg.host,
+                msg.port,
+                self.name,
+            )
+        if msg.incarnation < me.incarnation:
+            return
+        if msg.incarnation == me.incarnation and msg.meta == me.meta and not moved:
             return
         # Someone holds a different or newer claim about us (for example
         # from before a restart): override it.
@@ -840,6 +900,17 @@ class GossipCore:
             self._correct_stale(node)
             return
         timer = self._suspicions.get(msg.node)
+        if timer is not None and msg.incarnation > node.incarnation:
+            # SWIM 4.2: a suspicion at a newer incarnation overrides ours.
+            # The member refuted what we suspect and we missed its alive;
+            # counting this as a confirmation (memberlist does) would keep
+            # us at the old incarnation, and our dead message would then be
+            # dropped as stale by everyone who heard the refutation. Start
+            # over at the new incarnation instead: never sooner, so no new
+            # false positive, and our verdict then counts everywhere.
+            del self._suspicions[msg.node]
+            self._start_suspicion(node, msg)
+            return
         if timer is not None:
             # Lifeguard IV.B: an independent confirmation shortens the timer
             # and is worth re-gossiping so others can count it too.

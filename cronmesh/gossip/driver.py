@@ -227,6 +227,26 @@ def _frame(payload: bytes) -> bytes:
 _STREAM_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, _FrameError)
 
 
+_KEY_HINT = (
+    "check that every agent uses the same gossip key (--encrypt, keyring.json), or none"
+)
+
+
+def _stream_failure(exc: BaseException, sent: bool) -> str:
+    """Words for a failed stream exchange; a peer that took our request and
+    hung up without a word could most likely not decrypt it."""
+    if isinstance(exc, asyncio.IncompleteReadError) and sent and not exc.partial:
+        return (
+            "it accepted the connection but closed it without answering, "
+            f"as a member does with a message it cannot decrypt; {_KEY_HINT}"
+        )
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, driver: GossipDriver) -> None:
         self._driver = driver
@@ -297,6 +317,10 @@ class GossipDriver:
         self._inbound = 0
         self._closing = False
         self._bound: tuple[str, int] | None = None
+        # Why the last stream to (host, port) failed, and why each address
+        # of the last join() failed (for the operator: a wrong key shows).
+        self._stream_errors: dict[tuple[str, int], str] = {}
+        self.join_errors: dict[str, str] = {}
         self._family = 0
         self._counters = _Counters()
 
@@ -541,6 +565,7 @@ class GossipDriver:
         state is also pushed to the members just learned (see
         :meth:`_push_state`)."""
         self._require_core()
+        self.join_errors = {}
         results = await asyncio.gather(*(self._join_one(a) for a in addresses))
         joined = sum(results)
         if joined:
@@ -571,17 +596,21 @@ class GossipDriver:
                 return joined
             if max_attempts and attempt >= max_attempts:
                 raise TransportError(
-                    f"could not join the gossip cluster via {', '.join(addresses)}"
-                    f" after {attempt} attempts"
+                    f"could not join the gossip cluster after {attempt} attempts: "
+                    f"{self.join_failure(addresses)}"
                 )
             logger.warning(
-                "gossip join failed node=%s attempt=%d addresses=%s; retrying in %gs",
+                "gossip join failed node=%s attempt=%d (%s); retrying in %gs",
                 self.name,
                 attempt,
-                ", ".join(addresses),
+                self.join_failure(addresses),
                 interval,
             )
             await asyncio.sleep(interval)
+
+    def join_failure(self, addresses: Sequence[str]) -> str:
+        """Why the last :meth:`join` of ``addresses`` failed, per address."""
+        return "; ".join(self.join_errors.get(a, f"{a}: no answer") for a in addresses)
 
     # --- internals: time and batches ----------------------------------------
 
@@ -743,16 +772,20 @@ class GossipDriver:
             return False
         answered = reply is not None
         if answered and isinstance(request, PushPullRequest):
-            answered = self._is_state(reply)
+            answered = self._is_state(reply, (request.host, request.port))
         self._apply(core.tcp_result(now, request.request_id, reply))
         return answered
 
-    def _is_state(self, reply: bytes | None) -> bool:
+    def _is_state(self, reply: bytes | None, peer: tuple[str, int]) -> bool:
         if reply is None:
             return False
         try:
             return isinstance(decode_stream(reply, self.keyring), PushPull)
-        except DecodeError:
+        except DecodeError as exc:
+            self._stream_errors[peer] = (
+                f"it answered with data that could not be decrypted or read "
+                f"({exc}); {_KEY_HINT}"
+            )
             return False
 
     async def _exchange(
@@ -763,6 +796,8 @@ class GossipDriver:
         if self._bound is not None and not _is_wildcard(self._bound[0]):
             local = (self._bound[0], 0)
         writer: asyncio.StreamWriter | None = None
+        sent = False
+        self._stream_errors.pop((host, port), None)
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
@@ -770,9 +805,11 @@ class GossipDriver:
                 )
                 writer.write(_frame(payload))
                 await writer.drain()
+                sent = True
                 reply = await _read_frame(reader)
         except _STREAM_ERRORS as exc:
             self._counters.stream_failures += 1
+            self._stream_errors[(host, port)] = _stream_failure(exc, sent)
             logger.debug(
                 "stream to %s:%d failed node=%s: %r", host, port, self.name, exc
             )
@@ -807,7 +844,10 @@ class GossipDriver:
                 return False
             tasks = self._apply(core.join(self._now(), [(ip, port)]))
             if any(await asyncio.gather(*tasks)):
+                self.join_errors.pop(address, None)
                 return True
+            reason = self._stream_errors.get((ip, port), "no answer")
+            self.join_errors[address] = f"{ip}:{port}: {reason}"
         logger.debug("gossip join node=%s no answer from %s", self.name, address)
         return False
 

@@ -56,6 +56,9 @@ class EventKind(enum.StrEnum):
     LEAVE = "leave"  # the member left gracefully
     FAILED = "failed"  # the member was declared dead
     REAP = "reap"  # a dead or left member was forgotten
+    # Joining, we found a live member with our name at another address;
+    # the event's member is that other claim. Not a serf event.
+    CONFLICT = "conflict"
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ __all__ = [
     "run_loss_scenario",
     "run_partition_scenario",
     "run_restart_scenario",
+    "watch_first_probe",
 ]
 
 _PORT = 7946
@@ -156,6 +157,15 @@ class Simulator:
             self.add_node(f"m{i}", [seed])
         if not self.run_until_converged(self.now + 300_000):
             raise InvariantViolation(f"seed {self.seed}: {n} members never converged")
+
+    def inject(self, name: str, data: bytes, sender: str) -> None:
+        """Hand member ``name`` a datagram now, as if ``sender`` sent it.
+
+        For stories where only one member heard something, such as a
+        refutation the sender got out just before it crashed.
+        """
+        src = (self.nodes[sender].host, _PORT)
+        self._deliver_packet(name, data, src)
 
     # --- faults -------------------------------------------------------------
 
@@ -393,6 +403,8 @@ class ScenarioResult:
     ok: bool
     detail: str = ""
     detection_ms: list[int] = field(default_factory=list)  # per observer
+    # Crash until some member starts probing the victim (round-robin wait).
+    first_probe_ms: int | None = None
     false_positives: int = 0
     bytes_per_member_s: float = 0.0
 
@@ -457,6 +469,7 @@ def run_crash_scenario(
     sim.run_until(sim.now + sim._rng.randrange(sim.config.probe_interval_ms))
     crashed_at = sim.now
     sim.crash(victim)
+    probed = watch_first_probe(sim, victim)
     first_bound, rest_bound = detection_bound_ms(sim.config, n)
     first_suspect = _watch_first_suspect(sim, victim, crashed_at + first_bound)
     if first_suspect is None:
@@ -478,7 +491,23 @@ def run_crash_scenario(
         f"victim {victim} crashed@{crashed_at} first suspect@{first_suspect}"
         f" bound@{deadline} missing={missing[:5]} false={len(wrong)}"
     )
-    return ScenarioResult("crash", seed, ok, detail, times, len(wrong))
+    first_probe = probed[0] - crashed_at if probed else None
+    return ScenarioResult("crash", seed, ok, detail, times, first_probe, len(wrong))
+
+
+def watch_first_probe(sim: Simulator, victim: str) -> list[int]:
+    """From now on, note when some member first starts probing ``victim``.
+
+    Returns a list that receives that time once it happens.
+    """
+    seen: list[int] = []
+
+    def hook(node: SimNode, batch: Batch) -> None:
+        if not seen and node.core.probe_target == victim:
+            seen.append(sim.now)
+
+    sim.watch(hook)
+    return seen
 
 
 def _watch_first_suspect(sim: Simulator, victim: str, until_ms: int) -> int | None:

@@ -3,11 +3,25 @@
 One task owns the `RaftNode`. It sleeps until something arrives (a message,
 a proposal, a read, a membership change) or the next tick is due, feeds all
 of it to the core, and then handles each Ready in the order the contract
-demands (ready.py): persist with one LMDB commit, send, apply committed
-entries to the state machine with one more commit, answer the proposers
-whose entries were applied, and `advance`. Everything that arrived while a
-Ready was being handled waits for the next turn, so concurrent proposals
-share an fsync.
+demands (ready.py): persist, send, apply committed entries to the state
+machine, answer the proposers whose entries were applied, and `advance`.
+Everything that arrived while a Ready was being handled waits for the next
+turn, so concurrent proposals share an fsync.
+
+Two shortcuts keep fsyncs and waiting off the commit path:
+
+- A Ready that has entries to persist and entries to apply writes both in
+  ONE LMDB transaction (one fsync instead of two): a follower applies what
+  the leader's previous append committed while it stores the next one, and
+  a busy leader likewise. A crash shows both or neither; the applied
+  entries are committed already, so applying them before the messages go
+  out changes nothing a peer can see.
+- A leader hands its AppendEntries to the transport before it writes the
+  same entries to its own disk, and yields once so they leave while it
+  fsyncs (Raft thesis §10.2.1): the leader counts its own copy toward the
+  commit only once it is durable (`advance`), so this is safe. Only done
+  when the Ready changes no term or vote; every other message (votes,
+  answers to the leader) is sent only after the persist.
 
 The driver is also the node's `CommandLog`: `propose` on the leader appends
 and waits for the entry to be applied here; on a follower it forwards the
@@ -26,9 +40,9 @@ from typing import Any
 
 from cronmesh.core.commitlog import MAX_COMMAND_BYTES, NotLeaderError
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
-from cronmesh.errors import StorageError, ValidationError
+from cronmesh.errors import InvariantViolation, StorageError, ValidationError
 from cronmesh.raft.errors import NotLeader, ProposalDropped, RaftError
-from cronmesh.raft.messages import Message
+from cronmesh.raft.messages import AppendEntries, Message
 from cronmesh.raft.node import RaftConfig, RaftNode
 from cronmesh.raft.ready import Ready, Role
 from cronmesh.raft.storage import bootstrap
@@ -88,6 +102,9 @@ class RaftDriver:
         self.broken = ""  # why the driver stopped, when it did
         self.role = Role.FOLLOWER
         self.term = 0
+        # Elections seen won (a new leader, or a new term), for metrics.
+        self.leader_changes = 0
+        self._seen_leader: tuple[str, int] | None = None
 
     # -- set-up
     def has_state(self) -> bool:
@@ -96,10 +113,19 @@ class RaftDriver:
             or self.storage.stable.snapshot() is not None
         )
 
-    def bootstrap(self, voters: set[str]) -> None:
-        """Write the first configuration of a new cluster (founders only)."""
-        bootstrap(self.storage.log, self.storage.stable, voters)
-        log.info("raft bootstrapped node_id=%s voters=%s", self.node_id, sorted(voters))
+    def bootstrap(self, voters: set[str], cluster_id: str = "") -> None:
+        """Write the first configuration of a new cluster (founders only),
+        with the new cluster's id when one is given."""
+        if cluster_id:
+            self.storage.bootstrap(voters, cluster_id)
+        else:
+            bootstrap(self.storage.log, self.storage.stable, voters)
+        log.info(
+            "raft bootstrapped node_id=%s voters=%s cluster_id=%s",
+            self.node_id,
+            sorted(voters),
+            cluster_id,
+        )
 
     def start(self) -> None:
         config = RaftConfig(
@@ -235,7 +261,11 @@ class RaftDriver:
             if delay > 0 and not self._has_input():
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    # Not wait_for: that makes a task per turn, and on
+                    # Python 3.11 it swallows a cancel that comes with a
+                    # wake-up, so stop() would wait forever.
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
             try:
@@ -245,7 +275,7 @@ class RaftDriver:
                 self._feed()
                 while self._node().has_ready():
                     ready = self._node().ready()
-                    self._handle(ready)
+                    await self._handle(ready)
                     self._node().advance(ready)
                 self._maybe_compact()
             except Exception as exc:
@@ -327,12 +357,30 @@ class RaftDriver:
         )
         return not commit_only
 
-    def _handle(self, ready: Ready) -> None:
-        if self._needs_persist(ready):
-            self.storage.persist(ready)
+    async def _handle(self, ready: Ready) -> None:
+        persist = self._needs_persist(ready)
+        late = ready.messages
+        if persist and self._may_send_early(ready):
+            early = [m for m in ready.messages if isinstance(m, AppendEntries)]
+            if early:
+                late = tuple(
+                    m for m in ready.messages if not isinstance(m, AppendEntries)
+                )
+                for msg in early:
+                    self.send(msg)
+                # One loop turn: the transport writes them before the fsync.
+                # Limitation: best effort; a slow turn sends them after it.
+                await asyncio.sleep(0)
+        applied = False
+        if persist:
+            if self._can_apply_with_persist(ready):
+                self._persist_and_apply(ready)
+                applied = True
+            else:
+                self.storage.persist(ready)
             if ready.hard_state is not None:
                 self._durable_hs = ready.hard_state
-        for msg in ready.messages:
+        for msg in late:
             self.send(msg)
         if ready.snapshot is not None:
             meta = ready.snapshot.meta
@@ -340,8 +388,8 @@ class RaftDriver:
             log.info(
                 "raft snapshot installed node_id=%s index=%d", self.node_id, meta.index
             )
-        if ready.committed_entries:
-            self._apply(ready)
+        if ready.committed_entries and not applied:
+            self._settle(ready, self.fsm.apply_batch(self._batch(ready)))
         for state in ready.read_states:
             self._settle_read(state.ctx, None)
         for ctx in ready.failed_reads:
@@ -351,12 +399,89 @@ class RaftDriver:
                 ready.soft_state.role, ready.soft_state.leader, ready.soft_state.term
             )
 
-    def _apply(self, ready: Ready) -> None:
-        batch = [
+    def _may_send_early(self, ready: Ready) -> bool:
+        """Whether the leader's appends in `ready` may go before its persist.
+
+        Only when nothing but log entries (and the commit index) changes on
+        disk: a new term or vote must be durable before any message of it.
+        """
+        hard = ready.hard_state
+        return (
+            self.role is Role.LEADER
+            and ready.snapshot is None
+            and (
+                hard is None
+                or (hard.term, hard.vote)
+                == (self._durable_hs.term, self._durable_hs.vote)
+            )
+        )
+
+    def _can_apply_with_persist(self, ready: Ready) -> bool:
+        return (
+            bool(ready.committed_entries)
+            and ready.snapshot is None
+            and self.fsm.store.data is self.storage.data
+        )
+
+    def _batch(self, ready: Ready) -> list[tuple[int, bytes]]:
+        return [
             (e.index, e.data if e.kind is EntryKind.NORMAL else NOOP)
             for e in ready.committed_entries
         ]
-        results = self.fsm.apply_batch(batch)
+
+    def _persist_and_apply(self, ready: Ready) -> None:
+        """Persist `ready` and apply its committed entries in one transaction.
+
+        `StateMachine.apply_batch` opens its own write through its store's
+        `DataDir.write`; for this one call that method is replaced on the
+        instance by one that runs the persist's body first in the same
+        transaction, so the state machine's contract (one transaction per
+        batch, listeners told after the commit) holds unchanged.
+        Limitation: this relies on `apply_batch` making exactly one
+        `DataDir.write` call; a hook in the state machine would be cleaner.
+        It is checked: a persist that did not run stops the driver.
+        """
+        data = self.storage.data
+        bodies: list[Any] = []
+        results: list[ApplyResult] = []
+
+        def committer(body: Callable[[Any], Any]) -> Any:
+            outer = data.write
+            used = False
+
+            def joined(apply_body: Callable[[Any], Any]) -> Any:
+                nonlocal used
+                if used:  # a second write in the same apply: not joined
+                    return outer(apply_body)
+                used = True
+
+                def both(txn: Any) -> Any:
+                    bodies.append(body(txn))  # may run again: map grown
+                    return apply_body(txn)
+
+                return outer(both)
+
+            shadowed = "write" in vars(data)  # already replaced on the instance
+            data.write = joined  # type: ignore[method-assign]
+            try:
+                results.extend(self.fsm.apply_batch(self._batch(ready)))
+            finally:
+                if shadowed:
+                    data.write = outer  # type: ignore[method-assign]
+                else:
+                    del data.write  # back to the class's method
+            if not bodies:
+                raise InvariantViolation(
+                    "raft: the state machine wrote without the persist of "
+                    f"entries up to {ready.entries[-1].index if ready.entries else 0}"
+                )
+            return bodies[-1]
+
+        self.storage.persist(ready, committer)
+        self._settle(ready, results)
+
+    def _settle(self, ready: Ready, results: list[ApplyResult]) -> None:
+        """Answer the proposers of the entries `ready` applied."""
         for entry, result in zip(ready.committed_entries, results, strict=True):
             waiting = self._pending.pop(entry.index, None)
             if waiting is None:
@@ -383,6 +508,9 @@ class RaftDriver:
     def _role_changed(self, role: Role, leader: str | None, term: int) -> None:
         was_leader = self.role is Role.LEADER
         self.role, self.leader, self.term = role, leader, term
+        if leader is not None and (leader, term) != self._seen_leader:
+            self._seen_leader = (leader, term)
+            self.leader_changes += 1
         if role is Role.LEADER and not was_leader:
             log.info(
                 "leader elected node_id=%s term=%d (this node)", self.node_id, term

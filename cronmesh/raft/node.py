@@ -45,6 +45,13 @@ Linearizable reads (§6.4): the leader records its commit index, proves it is
 still leader by a heartbeat round answered by a majority (``seq`` numbers),
 and releases the read once that index is applied.  Followers forward the
 request to the leader and wait for the index the leader returns.
+
+Unknown peers: a message that would break an invariant (a second leader in
+our term, entries contradicting our committed log) is a bug only when its
+sender is a member of our configuration.  From anyone else it comes from
+another cluster that reached us by mistake (the transport should have
+refused it): it is dropped, logged and counted in ``dropped_unknown``, and
+never stops the node.
 """
 
 from __future__ import annotations
@@ -219,6 +226,8 @@ class RaftNode:
         self._check_restart_bounds()
         self._persisted_hs = hard
         self._broken: InvariantViolation | None = None
+        # Messages dropped because a non-member broke an invariant with them.
+        self.dropped_unknown = 0
         self._init_volatile()
         self._reported_soft = SoftState(self.role, self.leader, self.term)
 
@@ -311,6 +320,18 @@ class RaftNode:
 
     def _debug(self, event: str, **fields: object) -> None:
         self._emit(logging.DEBUG, event, fields)
+
+    def _violation_or_drop(self, sender: str, text: str) -> None:
+        """``text`` broke an invariant: raise when ``sender`` is one of ours,
+        else drop the message (see "Unknown peers" in the module docstring)."""
+        if sender in self.membership.members:
+            raise InvariantViolation(text)
+        self.dropped_unknown += 1
+        self._emit(
+            logging.WARNING,
+            "drop message from a server outside the configuration",
+            {"peer": sender, "reason": text},
+        )
 
     # ------------------------------------------------------------------
     # Inputs
@@ -712,12 +733,16 @@ class RaftNode:
             self._become_leader()
         return True
 
-    def _follow(self, leader: str) -> None:
-        """A message from ``leader`` of our term arrived; recognize it."""
+    def _follow(self, leader: str) -> bool:
+        """A message from ``leader`` of our term arrived; recognize it.
+
+        False when the message was dropped (it came from a second leader
+        outside our configuration)."""
         if self.role is Role.LEADER:
-            raise InvariantViolation(
-                f"raft: two leaders in term {self.term}: {self.id} and {leader}"
+            self._violation_or_drop(
+                leader, f"raft: two leaders in term {self.term}: {self.id} and {leader}"
             )
+            return False
         if self.role is not Role.FOLLOWER:
             self._become_follower(self.term, leader)
         elif self.leader != leader:
@@ -725,6 +750,7 @@ class RaftNode:
             self.leader = leader
             self._info("leader found", leader=leader)
         self.election_elapsed = 0
+        return True
 
     # ------------------------------------------------------------------
     # Term rules (§3.3)
@@ -821,42 +847,54 @@ class RaftNode:
     # ------------------------------------------------------------------
 
     def _handle_append_entries(self, m: AppendEntries) -> None:
-        self._follow(m.frm)
         prev_index, prev_term, entries = m.prev_index, m.prev_term, m.entries
         if prev_index < self.commit:
             # Entries up to our commit are already known to match (§3.6.3).
             skip = self.commit - prev_index
             if skip >= len(entries):
-                self._ack_append(m, self.commit)
+                if self._follow(m.frm):
+                    self._ack_append(m, self.commit)
                 return
             prev_index, prev_term = self.commit, entries[skip - 1].term
             entries = entries[skip:]
             if not self.log.matches(prev_index, prev_term):
-                raise InvariantViolation(
+                # Checked before _follow, so a stranger never becomes our
+                # leader on the way to being dropped.
+                self._violation_or_drop(
+                    m.frm,
                     f"raft: committed entry {prev_index} has term "
-                    f"{self.log.term(prev_index)}, leader says {prev_term}"
+                    f"{self.log.term(prev_index)}, leader says {prev_term}",
                 )
+                return
+        if not self._follow(m.frm):
+            return
         if not self.log.matches(prev_index, prev_term):
             self._reject_append(m, prev_index)
             return
-        self._append_new(entries)
+        if not self._append_new(entries, m.frm):
+            return
         last_new = prev_index + len(entries)
         if min(m.commit, last_new) > self.commit:
             self.commit = min(m.commit, last_new)
         self._ack_append(m, last_new)
 
-    def _append_new(self, entries: tuple[Entry, ...]) -> None:
-        """Append the part of ``entries`` we lack, truncating a conflict (§3.5)."""
+    def _append_new(self, entries: tuple[Entry, ...], sender: str) -> bool:
+        """Append the part of ``entries`` we lack, truncating a conflict (§3.5).
+
+        False when they contradict our committed log (from a non-member)."""
         for i, entry in enumerate(entries):
             if self.log.term(entry.index) == entry.term:
                 continue
             if entry.index <= self.commit:
-                raise InvariantViolation(
+                self._violation_or_drop(
+                    sender,
                     f"raft: conflict at committed index {entry.index} "
-                    f"(commit {self.commit}, term {entry.term})"
+                    f"(commit {self.commit}, term {entry.term})",
                 )
+                return False
             self._log_append(list(entries[i:]))
-            return
+            break
+        return True
 
     def _ack_append(self, m: AppendEntries, match: int) -> None:
         self._send(
@@ -947,7 +985,8 @@ class RaftNode:
     # ------------------------------------------------------------------
 
     def _handle_install_snapshot(self, m: InstallSnapshot) -> None:
-        self._follow(m.frm)
+        if not self._follow(m.frm):
+            return
         if m.snap_index <= self.commit or self.log.matches(m.snap_index, m.snap_term):
             # We hold the snapshot's last entry already: keep the log (and any
             # entries we acknowledged after it) and only learn that it is

@@ -10,6 +10,9 @@ Contract (etcd's Ready/Advance, thesis §10.2.1 for the ordering):
    ``compacted`` (save it, then compact the log prefix), ``entries`` (after
    dropping the log suffix from ``truncate_from``), then ``hard_state``.
 3. Send ``messages`` (any order; the network may lose or reorder them).
+   One exception (thesis §10.2.1): a leader may send its AppendEntries
+   before persisting, when the batch changes no term or vote, because it
+   counts its own copy toward the commit only after ``advance``.
 4. Restore the state machine from ``snapshot`` if set, then apply
    ``committed_entries`` in order, then serve ``read_states``.
 5. ``node.advance(ready)``.

@@ -258,6 +258,8 @@ class ServerLink:
             self.last_leader = name
             return reply
         log.debug("no leader answered %s errors=%s", what, errors)
+        if errors:
+            raise CronmeshError(f"no server took the {what}: {', '.join(errors)}")
         raise NotLeaderError(self.last_leader or "")
 
     async def propose(self, payload: bytes) -> ApplyResult:

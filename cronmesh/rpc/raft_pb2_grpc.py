@@ -59,6 +59,11 @@ class RaftStub:
                 request_serializer=raft__pb2.RaftMessage.SerializeToString,
                 response_deserializer=raft__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_unary(
+                '/cronmesh.raft.v1.Raft/Stream',
+                request_serializer=raft__pb2.RaftBatch.SerializeToString,
+                response_deserializer=raft__pb2.Ack.FromString,
+                _registered_method=True)
         self.Propose = channel.unary_unary(
                 '/cronmesh.raft.v1.Raft/Propose',
                 request_serializer=raft__pb2.ProposeRequest.SerializeToString,
@@ -102,6 +107,13 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """Every message to one server, in order, for as long as the stream lasts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Propose(self, request, context):
         """Apply a command through the leader and wait for its result.
         """
@@ -135,6 +147,11 @@ def add_RaftServicer_to_server(servicer, server):
             'Deliver': grpc.unary_unary_rpc_method_handler(
                     servicer.Deliver,
                     request_deserializer=raft__pb2.RaftMessage.FromString,
+                    response_serializer=raft__pb2.Ack.SerializeToString,
+            ),
+            'Stream': grpc.stream_unary_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=raft__pb2.RaftBatch.FromString,
                     response_serializer=raft__pb2.Ack.SerializeToString,
             ),
             'Propose': grpc.unary_unary_rpc_method_handler(
@@ -277,6 +294,33 @@ class Raft:
             target,
             '/cronmesh.raft.v1.Raft/Deliver',
             raft__pb2.RaftMessage.SerializeToString,
+            raft__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cronmesh.raft.v1.Raft/Stream',
+            raft__pb2.RaftBatch.SerializeToString,
             raft__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -6,6 +6,7 @@ Layout, all in the data dir's one LMDB environment (``DataDir``):
     raft_meta  b"first_index" -> 8-byte BE index of the first live entry
                b"hard_state"  -> term (8) | commit (8) | has_vote (1) | vote utf-8
                b"snapshot"    -> index (8) | term (8) of the current snapshot
+               b"cluster_id"  -> utf-8 id of the cluster this server belongs to
 
 and, in ``snapshot_dir``, one file per saved snapshot, named
 ``snapshot-<index:020>-<term:020>.snap``::
@@ -66,6 +67,7 @@ from cronmesh.raft.types import (
     Entry,
     EntryKind,
     HardState,
+    Membership,
     Snapshot,
     SnapshotMeta,
     decode_config_entry,
@@ -82,6 +84,7 @@ META_TABLE = "raft_meta"
 FIRST_KEY = b"first_index"
 HARD_KEY = b"hard_state"
 SNAP_KEY = b"snapshot"
+CLUSTER_KEY = b"cluster_id"
 
 _U64 = struct.Struct(">Q")
 _ENTRY_HEAD = struct.Struct(">QB")  # term, kind; data follows
@@ -102,6 +105,9 @@ _FULL_MARGIN = 4 << 20
 
 T = TypeVar("T")
 Stage = Callable[[lmdb.Transaction, "_LogState"], None]
+# Runs a transaction body in one write transaction and commits it: DataDir.write
+# or a caller's committer that puts more work into the same transaction.
+Committer = Callable[[Callable[[lmdb.Transaction], "_LogState"]], "_LogState"]
 
 
 def _key(index: int) -> bytes:
@@ -153,15 +159,19 @@ def _disk_full(exc: BaseException, path: Path, need: int) -> bool:
 
 
 def _write(
-    data: DataDir, fn: Callable[[lmdb.Transaction], T], what: str, need: int
+    data: DataDir,
+    fn: Callable[[lmdb.Transaction], T],
+    what: str,
+    need: int,
+    write: Callable[[Callable[[lmdb.Transaction], T]], T] | None = None,
 ) -> T:
-    """``data.write(fn)``, with a full disk reported as such.
+    """``data.write(fn)`` (or ``write(fn)``), with a full disk reported as such.
 
     Raises:
         StorageError: LMDB failed or the disk is full; nothing was written.
     """
     try:
-        return data.write(fn)
+        return (write or data.write)(fn)
     except StorageError as exc:
         if _disk_full(exc, data.path, need):
             raise StorageError(
@@ -306,8 +316,14 @@ class LmdbLogStore:
             self._commit(lambda _txn, _st: None, "raft log garbage collection", 0)
 
     # -- the transaction machinery (also used by LmdbRaftStorage)
-    def _commit(self, stage: Stage, what: str, need: int) -> None:
+    def _commit(
+        self, stage: Stage, what: str, need: int, committer: Committer | None = None
+    ) -> None:
         """Run ``stage`` in one write transaction; swap the cached state on success.
+
+        ``committer`` (default ``DataDir.write``) runs the body in a write
+        transaction of this store's ``DataDir`` and commits it; the cached
+        state is swapped only when it returned.
 
         Raises:
             StorageError: LMDB failed or the disk is full; nothing was written.
@@ -320,7 +336,7 @@ class LmdbLogStore:
                 self._stage_gc(txn, st)
             return st
 
-        self._state = _write(self._data, run, what, need)
+        self._state = _write(self._data, run, what, need, committer)
 
     def _stage_append(
         self,
@@ -404,6 +420,8 @@ class LmdbStableStore:
         with data.read() as txn:
             raw_hs = txn.get(HARD_KEY, db=self._meta_db)
             raw_ptr = txn.get(SNAP_KEY, db=self._meta_db)
+            raw_id = txn.get(CLUSTER_KEY, db=self._meta_db)
+        self._cluster_id = bytes(raw_id).decode() if raw_id else ""
         self._hard_state = _decode_hard_state(raw_hs) if raw_hs else HardState()
         pointer = _SNAP_PTR.unpack(raw_ptr) if raw_ptr else None
         self._snapshot = self._load_snapshot(pointer)
@@ -420,6 +438,23 @@ class LmdbStableStore:
 
     def _stage_hard_state(self, txn: lmdb.Transaction, state: HardState) -> None:
         txn.put(HARD_KEY, _encode_hard_state(state), db=self._meta_db)
+
+    # -- cluster identity
+    def cluster_id(self) -> str:
+        """The id of the cluster this server belongs to; "" when none yet."""
+        return self._cluster_id
+
+    def save_cluster_id(self, cluster_id: str) -> None:
+        _write(
+            self._data,
+            lambda txn: self._stage_cluster_id(txn, cluster_id),
+            "cluster id",
+            64,
+        )
+        self._cluster_id = cluster_id
+
+    def _stage_cluster_id(self, txn: lmdb.Transaction, cluster_id: str) -> None:
+        txn.put(CLUSTER_KEY, cluster_id.encode(), db=self._meta_db)
 
     # -- snapshots
     def snapshot(self) -> Snapshot | None:
@@ -635,11 +670,15 @@ class LmdbRaftStorage:
             data, snapshot_dir if snapshot_dir is not None else data.path / "snapshots"
         )
 
-    def persist(self, ready: Ready) -> None:
+    def persist(self, ready: Ready, committer: Committer | None = None) -> None:
         """Write the durable parts of ``ready`` with one LMDB commit (one fsync).
 
         Same order and result as ``persist_ready``; snapshot files are written
         (and fsynced) before the transaction that makes them current.
+        ``committer``, when given, must run the body it is handed exactly in
+        one write transaction of ``self.data`` and commit it (with fsync),
+        with whatever else the caller writes in that transaction (the driver
+        applies committed entries in it).
 
         Raises:
             StorageError: LMDB failed or the disk is full; nothing changed.
@@ -676,7 +715,9 @@ class LmdbRaftStorage:
         # Limitation: a Ready with a snapshot costs 2 more fsyncs (file, dir).
         need = _size(list(ready.entries)) + sum(len(s.data) for s in snaps)
         try:
-            log_store._commit(stage, f"persist of {len(ready.entries)} entries", need)
+            log_store._commit(
+                stage, f"persist of {len(ready.entries)} entries", need, committer
+            )
         except BaseException:
             stable._discard_unreferenced(written)
             raise
@@ -691,6 +732,30 @@ class LmdbRaftStorage:
             ready.truncate_from,
             log_store.last_index(),
         )
+
+    def bootstrap(self, voters: set[str], cluster_id: str) -> None:
+        """``raft.storage.bootstrap`` plus the cluster id, in one commit, so a
+        crash leaves either a founder with both or a fresh server.
+
+        Raises:
+            InvariantViolation: this server has Raft state already.
+            StorageError: LMDB failed; nothing was written.
+        """
+        log_store, stable = self.log, self.stable
+        if log_store.last_index() != 0 or stable.hard_state() != HardState():
+            raise InvariantViolation("raft: bootstrap on a server that has state")
+        data = encode_config_entry(Membership(frozenset(voters)), None)
+        entry = Entry(1, 1, EntryKind.CONFIG, data)
+        hard = HardState(term=1)
+
+        def stage(txn: lmdb.Transaction, st: _LogState) -> None:
+            log_store._stage_append(txn, st, [entry], None)
+            stable._stage_hard_state(txn, hard)
+            stable._stage_cluster_id(txn, cluster_id)
+
+        log_store._commit(stage, "bootstrap", len(data) + 64)
+        stable._hard_state = hard
+        stable._cluster_id = cluster_id
 
     def close(self) -> None:
         """Close the data dir (the stores are unusable afterwards)."""

@@ -26,7 +26,7 @@ import json
 import struct
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -34,10 +34,18 @@ from cronmesh.core.model import Execution, Job, parse_time, to_ns
 from cronmesh.errors import NotFoundError
 from cronmesh.storage.env import DataDir
 
-__all__ = ["StateStore", "StateView", "exec_key", "split_execution_id"]
+__all__ = ["RunRef", "StateStore", "StateView", "exec_key", "split_execution_id"]
 
 TABLES = ("meta", "jobs", "jobrt", "execs", "outputs", "running", "staged")
 _INDEX = struct.Struct(">Q")
+
+
+class RunRef(NamedTuple):
+    """A running execution as its key names it."""
+
+    job_name: str
+    id: str
+    node_name: str
 
 
 def split_execution_id(exec_id: str) -> tuple[int, str]:
@@ -266,6 +274,31 @@ class StateStore:
     def running(self, job: str | None = None) -> list[Execution]:
         with self.view() as v:
             return v.running_executions(job)
+
+    def running_refs(self) -> list[RunRef]:
+        """(job, execution id, node) of every running execution, from the
+        keys alone: cheap enough to call every second with thousands."""
+        with self.view() as v:
+            refs = []
+            for key in v.running_keys():
+                job, _, rest = bytes(key).decode().partition("\0")
+                ns_text, _, node = rest.partition("-")
+                refs.append(RunRef(job, f"{int(ns_text)}-{node}", node))
+            return refs
+
+    def execution_state(self, job: str, exec_id: str) -> str | None:
+        """ "running", "finished", or None (unknown), without decoding."""
+        try:
+            started_ns, node = split_execution_id(exec_id)
+        except NotFoundError:
+            return None
+        key = exec_key(job, started_ns, node)
+        with self.view() as v:
+            if v.txn.get(key, db=v.t["running"]) is not None:
+                return "running"
+            if v.txn.get(key, db=v.t["execs"]) is not None:
+                return "finished"
+        return None
 
     def last_fire(self, name: str) -> datetime | None:
         with self.view() as v:

@@ -10,7 +10,12 @@ Two parts, both run by default:
   "failed" report about a member that is still running (a false positive)
   and the bytes every member sends. Big clusters get fewer simulated
   minutes and seeds by default so the whole part fits in a few minutes on
-  two cores; the output says what was run.
+  two cores; the output says what was run. Extra ``--crash-seeds`` run the crash
+  only (cheap for small clusters) to sample detection more widely: one
+  crash is about one sample, as every observer hears the same verdict.
+  Detection is split into the round-robin wait (crash until some member
+  starts probing the victim) and the rest, which memberlist's formula
+  below counts.
 * ``--real``: ``--nodes`` real processes of ``python -m cronmesh.gossip.run``
   on 127.0.0.x loopback addresses, once per ``--profiles`` entry, and then
   the same number of ``swim-protocol-sync`` processes of the PyPI package
@@ -61,7 +66,12 @@ from cronmesh.errors import InvariantViolation
 from cronmesh.gossip.config import GossipConfig, profile
 from cronmesh.gossip.messages import MemberState
 from cronmesh.gossip.outputs import EventKind
-from cronmesh.gossip.sim import Simulator, detection_bound_ms, summarize
+from cronmesh.gossip.sim import (
+    Simulator,
+    detection_bound_ms,
+    summarize,
+    watch_first_probe,
+)
 from cronmesh.gossip.suspicion import suspicion_timeout_ms
 
 # Simulated minutes per loss level and seeds per cluster size. Measured on
@@ -69,6 +79,9 @@ from cronmesh.gossip.suspicion import suspicion_timeout_ms
 # members 10 min (mostly starting the cluster: 100 simulated s of joins).
 SIM_DEFAULTS: dict[int, tuple[float, int]] = {10: (30.0, 3), 100: (3.0, 2)}
 SIM_BIG = (0.5, 1)
+# Extra crash-only seeds per size (no loss phases): 10 members ~0.3 s each,
+# 100 members ~10 s each; none for bigger clusters by default.
+CRASH_SEEDS: dict[int, int] = {10: 60, 100: 6}
 POLL_S = 0.05
 SWIM_CLI = "swim-protocol-sync"
 # Our runners log at this level (INFO names the suspicion timers that fired);
@@ -105,6 +118,8 @@ class SimRun:
     seed: int
     minutes: float
     detection_ms: list[int] = field(default_factory=list)
+    # crash until some member starts probing the victim (round-robin wait)
+    first_probe_ms: int | None = None
     undetected: int = 0
     # per loss level: false "failed" reports, distinct members wrongly failed,
     # bytes sent per member per second
@@ -132,6 +147,7 @@ def sim_run(
     victim = f"m{rng.randrange(1, n)}"
     crashed_at, mark = sim.now, len(sim.observations)
     sim.crash(victim)
+    probed = watch_first_probe(sim, victim)
     first, rest = detection_bound_ms(config, n)
     sim.run_until_true(
         crashed_at + first + rest, lambda: sim.all_see(victim, MemberState.DEAD)
@@ -145,6 +161,7 @@ def sim_run(
     live = [node.name for node in sim.live()]
     run.detection_ms = [seen[name] for name in live if name in seen]
     run.undetected = len(live) - len(run.detection_ms)
+    run.first_probe_ms = probed[0] - crashed_at if probed else None
     running = set(live)
     for loss in losses:
         sim.loss = loss
@@ -173,15 +190,21 @@ def sim_part(args: argparse.Namespace) -> list[dict[str, Any]]:
         minutes, seeds = SIM_DEFAULTS.get(n, SIM_BIG)
         minutes = args.minutes if args.minutes is not None else minutes
         seeds = args.seeds if args.seeds is not None else seeds
-        runs = []
-        for seed in range(seeds):
-            run = sim_run(n, seed, args.loss, minutes, config)
+        crash_seeds = CRASH_SEEDS.get(n, 0)
+        if args.crash_seeds is not None:
+            crash_seeds = args.crash_seeds
+        runs, crash_runs = [], []
+        for seed in range(seeds + crash_seeds):
+            losses = args.loss if seed < seeds else []
+            run = sim_run(n, seed, losses, minutes, config)
             _log(
                 f"sim n={n} seed={seed}: {run.wall_s}s wall"
                 + (f" ERROR {run.error}" if run.error else "")
             )
-            runs.append(run)
-        rows.append(_sim_row(n, minutes, seeds, args.loss, runs, config))
+            (runs if seed < seeds else crash_runs).append(run)
+        row = _sim_row(n, minutes, seeds, args.loss, runs, config)
+        row.update(_crash_row(runs + crash_runs))
+        rows.append(row)
     return rows
 
 
@@ -227,6 +250,32 @@ def _sim_row(
         "loss": per_loss,
         "errors": [run.error for run in runs if run.error],
         "wall_s": round(sum(run.wall_s for run in runs), 1),
+    }
+
+
+def _crash_row(runs: list[SimRun]) -> dict[str, Any]:
+    """Detection over every crash (loss seeds and crash-only seeds), split
+    into the round-robin wait and what follows the first probe."""
+    detection = [ms for run in runs for ms in run.detection_ms]
+    waits = [run.first_probe_ms for run in runs if run.first_probe_ms is not None]
+    after = [
+        ms - run.first_probe_ms
+        for run in runs
+        if run.first_probe_ms is not None
+        for ms in run.detection_ms
+    ]
+    median, p99 = summarize(detection)
+    return {
+        "crashes": len(runs),
+        "detection_samples": len(detection),
+        "undetected": sum(run.undetected for run in runs),
+        "detection_ms_median": median,
+        "detection_ms_p99": p99,
+        "detection_ms_max": max(detection, default=0),
+        "first_probe_ms_median": summarize(waits)[0],
+        "first_probe_ms_max": max(waits, default=0),
+        "after_first_probe_ms_median": summarize(after)[0],
+        "after_first_probe_ms_max": max(after, default=0),
     }
 
 
@@ -610,6 +659,13 @@ def print_sim(rows: list[dict[str, Any]], losses: list[float]) -> None:
         rates = [row["loss"][str(loss)]["bytes_per_member_per_s"] for loss in losses]
         line += "  " + " / ".join(f"{rate:g}" for rate in rates if rate is not None)
         print(line)
+        print(
+            f"        {row['crashes']} crashes: round-robin wait median"
+            f" {_s(row['first_probe_ms_median'])} s (max"
+            f" {_s(row['first_probe_ms_max'])} s), then median"
+            f" {_s(row['after_first_probe_ms_median'])} s (max"
+            f" {_s(row['after_first_probe_ms_max'])} s) to detection"
+        )
         for error in row["errors"]:
             print(f"        error: {error}")
         if row["undetected"]:
@@ -618,7 +674,9 @@ def print_sim(rows: list[dict[str, Any]], losses: list[float]) -> None:
         "  FP/mh = false 'failed' reports per member-hour (total in brackets);"
         " B/member/s = UDP bytes; ML-LAN = memberlist's formula (probe interval"
         " + minimum suspicion timeout); min/loss = simulated minutes per loss"
-        " level (fewer for big clusters: see --minutes, --seeds)"
+        " level (fewer for big clusters: see --minutes, --seeds); detection"
+        " over the loss seeds plus --crash-seeds crash-only seeds; round-robin"
+        " wait = crash until some member starts probing the victim"
     )
 
 
@@ -675,6 +733,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="simulated minutes per loss level (default: 30 / 3 / 0.5 by size)",
     )
     parser.add_argument("--seeds", type=int, help="seeds per size (3 / 2 / 1)")
+    parser.add_argument(
+        "--crash-seeds",
+        type=int,
+        help="extra crash-only seeds per size (60 / 6 / 0)",
+    )
     parser.add_argument("--nodes", type=int, default=10, help="real processes")
     parser.add_argument("--reps", type=int, default=3, help="kills per system")
     parser.add_argument("--profiles", nargs="+", default=["lan", "local"])
@@ -702,6 +765,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         parser.error("need --members >= 3 and 0 <= --loss < 1")
     if not 3 <= args.nodes <= 50 or not 1 <= args.host_start <= 254 - args.nodes:
         parser.error("need 3 <= --nodes <= 50 and hosts within 127.0.0.1-254")
+    if args.crash_seeds is not None and args.crash_seeds < 0:
+        parser.error("need --crash-seeds >= 0")
     if args.reps < 1 or args.timeout <= 0:
         parser.error("need --reps >= 1 and --timeout > 0")
     return args

@@ -138,10 +138,10 @@ async def cronmesh_worker(args: argparse.Namespace) -> None:
     stats = {"persists": 0, "applies": 0}
     persist, apply_batch = cluster.storage.persist, fsm.apply_batch
 
-    def counted_persist(ready: Any) -> None:
+    def counted_persist(ready: Any, committer: Any = None) -> None:
         if ready.must_sync():
             stats["persists"] += 1
-        persist(ready)
+        persist(ready, committer)
 
     def counted_apply(entries: list[tuple[int, bytes]]) -> Any:
         stats["applies"] += 1

@@ -154,6 +154,68 @@ def test_indirect_ack_or_tcp_fallback_saves_the_target() -> None:
     assert a.state_of("n2") == MemberState.ALIVE
 
 
+def _probe_at_health(health: int, target: str = "n2") -> tuple[GossipCore, int, Ping]:
+    """Four members; n1 starts probing ``target`` with the given health
+    score (probes of the others on the way are acked)."""
+    a, b, c, d = make(1), make(2), make(3), make(4)
+    for other in (b, c, d):
+        push_pull(a, other)
+    now = a.next_deadline_ms()
+    while True:
+        a._awareness.score = health
+        pings = [m for _, m in sent(a.tick(now)) if isinstance(m, Ping)]
+        if pings and pings[0].target == target:
+            return a, now, pings[0]
+        if pings:
+            a.receive_packet(now, packet(Ack(pings[0].seq)))
+        now = a.next_deadline_ms()
+
+
+# (health score, direct-ack timeout, suspect at), ms after the ping. Like
+# memberlist's probeNode: the ack timeout is never stretched, the whole
+# probe period is, by health + 1.
+PROBE_OF_A_DEAD_MEMBER = [(0, 500, 1_000), (1, 500, 2_000), (3, 500, 4_000)]
+
+
+@pytest.mark.parametrize(("health", "ack_ms", "suspect_ms"), PROBE_OF_A_DEAD_MEMBER)
+def test_probe_of_a_dead_member_is_declared_failed_at_the_period_end(
+    health: int, ack_ms: int, suspect_ms: int
+) -> None:
+    a, start, ping = _probe_at_health(health)
+    assert a.next_deadline_ms() == start + ack_ms
+    indirect = a.tick(start + ack_ms)
+    assert any(isinstance(m, IndirectPing) for _, m in sent(indirect))
+    [fallback] = indirect.tcp_requests
+    assert isinstance(fallback, PingRequest)
+    assert fallback.deadline_ms == start + suspect_ms
+    a.receive_packet(start + ack_ms + 50, packet(Nack(ping.seq), Nack(ping.seq)))
+    a.tcp_result(start + ack_ms + 60, fallback.request_id, None)
+    assert a.next_deadline_ms() == start + suspect_ms
+    a.tick(start + suspect_ms - 1)
+    assert a.state_of("n2") == MemberState.ALIVE
+    end = a.tick(start + suspect_ms)
+    assert a.state_of("n2") == MemberState.SUSPECT
+    # The next probe goes out in the same tick, not a period later.
+    assert any(isinstance(m, Ping) for _, m in sent(end))
+    assert a.health_score == health  # both helpers nacked
+
+
+def test_answered_probes_keep_the_plain_interval_when_unhealthy() -> None:
+    a, start, ping = _probe_at_health(3)
+    a.receive_packet(start + 5, packet(Ack(ping.seq)))
+    assert a.health_score == 2
+    assert a.next_deadline_ms() == start + CFG.probe_interval_ms
+
+
+def test_relayed_ack_lowers_the_health_score() -> None:
+    a, _, ping = _probe_at_health(2)
+    went_indirect = a.tick(a.next_deadline_ms())
+    assert any(isinstance(m, IndirectPing) for _, m in sent(went_indirect))
+    a.receive_packet(a.next_deadline_ms() - 1, packet(Ack(ping.seq)))  # relayed
+    assert a.health_score == 1
+    assert a.state_of("n2") == MemberState.ALIVE
+
+
 def test_relay_forwards_ack_or_sends_nack() -> None:
     helper = make(3)
     request = IndirectPing(77, "n2", "10.0.0.2", PORT, True, "n1", "10.0.0.1", PORT)
@@ -210,6 +272,39 @@ def test_alive_with_higher_incarnation_clears_suspicion() -> None:
     a.receive_packet(300, packet(Alive(2, "n2", "10.0.0.2", PORT, b"")))
     assert a.state_of("n2") == MemberState.ALIVE
     assert a.tick(10_000).events == []
+
+
+def test_dead_at_the_refuted_incarnation_is_accepted() -> None:
+    # We heard n2 refute (incarnation 2); the others then suspect and
+    # declare it dead at 2. An older dead message is stale, this one not.
+    a, b = make(1), make(2)
+    push_pull(a, b)
+    a.receive_packet(100, packet(Alive(2, "n2", "10.0.0.2", PORT, b"")))
+    a.receive_packet(200, packet(Dead(1, "n2", "n3")), ("10.0.0.3", PORT))
+    assert a.state_of("n2") == MemberState.ALIVE
+    batch = a.receive_packet(300, packet(Dead(2, "n2", "n3")), ("10.0.0.3", PORT))
+    assert [(e.kind, e.member.name) for e in batch.events] == [(EventKind.FAILED, "n2")]
+
+
+def test_suspicion_at_a_newer_incarnation_starts_over_there() -> None:
+    # We missed n2's refutation (incarnation 2) and still suspect it at 1.
+    a, b = make(1), make(2)
+    push_pull(a, b)
+    a.receive_packet(100, packet(Suspect(1, "n2", "n3")))
+    a.receive_packet(1_000, packet(Suspect(2, "n2", "n4")))
+    member = a.member("n2")
+    assert member is not None
+    assert (member.state, member.incarnation) == (MemberState.SUSPECT, 2)
+    # Not an early verdict: the timer restarted (n = 2: the 4 s minimum).
+    assert a.next_deadline_ms() <= 5_000
+    assert a.tick(4_100).events == []
+    failed = a.tick(5_000)
+    assert [(e.kind, e.member.name) for e in failed.events] == [
+        (EventKind.FAILED, "n2")
+    ]
+    # Our verdict carries the newer incarnation, so nobody drops it as stale.
+    gossip = a.tick(a.next_deadline_ms())
+    assert Dead(2, "n2", "n1") in [m for _, m in sent(failed) + sent(gossip)]
 
 
 def test_set_tags_bumps_incarnation_and_peers_see_an_update() -> None:
@@ -401,3 +496,22 @@ def test_core_fed_valid_but_hostile_messages_never_raises(
         a.tick(now)
         assert a.next_deadline_ms() > now - 1  # tick cleared what was due
     assert a.local_member.state == MemberState.ALIVE
+
+
+def test_a_newcomer_with_a_taken_name_gets_a_conflict_and_the_owner_keeps_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    owner, helper = make(1), make(2)
+    push_pull(helper, owner)
+    twin = GossipCore("n1", "10.0.0.9", PORT, config=CFG, rng=random.Random(9))
+    with caplog.at_level(logging.WARNING, logger="cronmesh.gossip"):
+        served, joined = push_pull(twin, helper)
+    conflicts = [e for e in joined.events if e.kind is EventKind.CONFLICT]
+    assert [(e.member.name, e.member.host) for e in conflicts] == [("n1", "10.0.0.1")]
+    assert not served.events, "the mesh took the newcomer in"
+    assert helper.member("n1") is not None and helper.member("n1").host == "10.0.0.1"
+    assert "name conflict" in caplog.text
+    # The same name at the same address is a restart, not a conflict.
+    again = GossipCore("n2", "10.0.0.2", PORT, config=CFG, rng=random.Random(2))
+    _, rejoined = push_pull(again, owner)
+    assert not [e for e in rejoined.events if e.kind is EventKind.CONFLICT]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
+from cronmesh.errors import InvariantViolation
 from cronmesh.raft.errors import TransferInProgress
 from cronmesh.raft.messages import AppendEntries, Message, RequestVote, TimeoutNow
 from cronmesh.raft.node import RaftConfig, RaftNode
@@ -23,7 +24,7 @@ from cronmesh.raft.storage import (
     bootstrap,
     persist_ready,
 )
-from cronmesh.raft.types import ConfChange, ConfChangeOp
+from cronmesh.raft.types import ConfChange, ConfChangeOp, Entry, EntryKind
 
 ELECTION = 10  # RaftConfig default election_ticks
 
@@ -528,3 +529,49 @@ def test_leader_lease_ignores_removed_server() -> None:
     c.heal()
     c.run(10 * ELECTION)
     assert c.leader() == leader and c.core(leader).term == term
+
+
+# -- messages from another cluster --------------------------------------------
+
+
+def test_messages_from_another_cluster_are_dropped_not_fatal() -> None:
+    c = cluster(3, seed=7)
+    commit_all(c, "a-1")
+    leader = c.wait_leader()
+    follower = next(i for i in c.nodes if i != leader)
+    term = c.core(leader).term
+    commit = c.core(leader).commit
+    # x1 leads another cluster in the same term; its log contradicts ours.
+    foreign = tuple(
+        Entry(i, term + 5, EntryKind.NORMAL, b"other") for i in range(1, commit + 2)
+    )
+    for target in (leader, follower):
+        c.core(target).step(
+            AppendEntries(
+                to=target,
+                frm="x1",
+                term=term,
+                prev_index=0,
+                prev_term=0,
+                entries=foreign,
+                commit=commit + 1,
+            )
+        )
+        c.process(c.nodes[target])
+    assert c.core(leader).dropped_unknown == 1
+    assert c.core(follower).dropped_unknown == 1
+    assert c.core(follower).leader == leader, "a stranger became the leader"
+    assert leaders(c) == [leader]
+    commit_all(c, "a-2")
+    c.check_logs()
+
+
+def test_a_second_leader_inside_the_configuration_is_still_a_bug() -> None:
+    c = cluster(3, seed=7)
+    leader = c.wait_leader()
+    member = next(i for i in c.nodes if i != leader)
+    heartbeat = AppendEntries(
+        to=leader, frm=member, term=c.core(leader).term, prev_index=0, prev_term=0
+    )
+    with pytest.raises(InvariantViolation, match="two leaders"):
+        c.core(leader).step(heartbeat)
