@@ -239,6 +239,7 @@ class Agent:
             store=self.store,
             is_leader=self.is_leader,
             registry=self.metrics.registry,
+            webhook_failed=self.metrics.webhook_failed,
         )
         self.dispatcher.observe_fire_lag = self.metrics.observe_fire_lag
         self.fsm.listeners += [

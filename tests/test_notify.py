@@ -262,7 +262,8 @@ def test_webhooks_follow_sighup_and_failures_are_counted(
 
     def failures() -> float:
         text = node.http.get("/metrics").text
-        found = re.search(r'cronmesh_webhook_failures_total\{hook="post"\} (\S+)', text)
+        pattern = r'cronmesh_webhook_failures_total\{job_name="hello"\} (\S+)'
+        found = re.search(pattern, text)
         return float(found.group(1)) if found else 0.0
 
     node.wait_for("failure counted", lambda: failures() == 1.0)

@@ -199,17 +199,14 @@ class Notifier:
         store: StateStore,
         is_leader: Callable[[], bool],
         registry: CollectorRegistry | None = None,
+        webhook_failed: Callable[[str], None] | None = None,
     ) -> None:
         self.node_name = node_name
         self.settings = settings
         self.store = store
         self.is_leader = is_leader
-        self.webhook_failures = Counter(
-            "cronmesh_webhook_failures",
-            "Webhook calls that failed (no answer, or an HTTP error status)",
-            ["hook"],
-            registry=registry,
-        )
+        # Counts a failed webhook by job name (Metrics.webhook_failed).
+        self.webhook_failed = webhook_failed or (lambda job_name: None)
         self.mail_failures = Counter(
             "cronmesh_mail_failures",
             "Notification mails that could not be handed to the mail server",
@@ -264,6 +261,7 @@ class Notifier:
                 partial(
                     self._post,
                     "pre",
+                    execution.job_name,
                     s.pre_webhook_endpoint,
                     body,
                     s.pre_webhook_headers,
@@ -277,7 +275,14 @@ class Notifier:
         if s.webhook_endpoint and s.webhook_payload:
             body = self._render(s.webhook_payload, execution)
             self._spawn(
-                partial(self._post, "post", s.webhook_endpoint, body, s.webhook_headers)
+                partial(
+                    self._post,
+                    "post",
+                    execution.job_name,
+                    s.webhook_endpoint,
+                    body,
+                    s.webhook_headers,
+                )
             )
         if s.mail_host and s.mail_port and job.owner_email:
             if s.mail_payload:
@@ -344,7 +349,7 @@ class Notifier:
             await send()
 
     async def _post(
-        self, hook: str, endpoint: str, body: str, headers: list[str]
+        self, hook: str, job_name: str, endpoint: str, body: str, headers: list[str]
     ) -> None:
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=SEND_TIMEOUT)
@@ -354,7 +359,7 @@ class Notifier:
                 endpoint, content=body.encode(), headers=_headers(headers)
             )
         except httpx.HTTPError as exc:
-            self.webhook_failures.labels(hook=hook).inc()
+            self.webhook_failed(job_name)
             log.warning(
                 "webhook failed hook=%s endpoint=%s error=%s",
                 hook,
@@ -363,7 +368,7 @@ class Notifier:
             )
             return
         if response.status_code >= 400:
-            self.webhook_failures.labels(hook=hook).inc()
+            self.webhook_failed(job_name)
             log.warning(
                 "webhook failed hook=%s endpoint=%s status=%d",
                 hook,
