@@ -398,8 +398,15 @@ class Agent:
         return _as_job(result.value), result.code == 201
 
     async def delete_job(self, name: str) -> Job:
+        """Delete a job; its running executions are stopped before the answer,
+        so a job re-created under the name does not overlap with them."""
+        running = self.store.running(name) if self.cluster is not None else []
         result = await self.propose(encode_command("delete_job", name=name))
         _raise_for(result)
+        if running:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await asyncio.gather(*(self._kill_quietly(e) for e in running))
         return _as_job(result.value)
 
     async def toggle_job(self, name: str) -> Job:

@@ -595,6 +595,10 @@ class StateMachine:
             runtime.update(group=execution.group, ok=0, fail=0)
         elif execution.group < group:
             return
+        if execution.attempt > 1 and runtime["fail"] > 0:
+            # A retry replaces the failed attempt before it: the group's
+            # status is the outcome of each run's last attempt.
+            runtime["fail"] -= 1
         runtime["ok" if execution.success else "fail"] += 1
         if runtime["fail"] == 0:
             job.status = STATUS_SUCCESS
