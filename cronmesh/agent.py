@@ -86,6 +86,9 @@ RESERVED_TAGS = (
 
 log = logging.getLogger("cronmesh.agent")
 
+# A sweep that wakes this much later than asked was stalled (SIGSTOP, swap).
+STALL_SECONDS = 5.0
+
 
 def parse_addr(text: str, default_port: int, field_name: str) -> tuple[str, int]:
     """`host:port`, `:port` or `host` into (host, port)."""
@@ -247,6 +250,7 @@ class Agent:
             self.dispatcher.on_event,
             self.metrics.on_event,
             self.notifications.on_event,
+            self._stop_runs_of_deleted_job,
         ]
         self.paused = False
         self.http_host, self.http_port = parse_addr(config.http_addr, 8080, "http-addr")
@@ -410,8 +414,15 @@ class Agent:
         return _as_job(result.value), result.code == 201
 
     async def delete_job(self, name: str) -> Job:
+        """Delete a job; its running executions are stopped before the answer,
+        so a job re-created under the name does not overlap with them."""
+        running = self.store.running(name) if self.cluster is not None else []
         result = await self.propose(encode_command("delete_job", name=name))
         _raise_for(result)
+        if running:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await asyncio.gather(*(self._kill_quietly(e) for e in running))
         return _as_job(result.value)
 
     async def toggle_job(self, name: str) -> Job:
@@ -720,7 +731,9 @@ class Agent:
         finished = []
         for entry in running:
             job, _, exec_id = entry.partition("/")
-            if self.store.execution_state(job, exec_id) == "finished":
+            state = self.store.execution_state(job, exec_id)
+            if state == "finished" or (state is None and not self.store.has_job(job)):
+                # Ended, or its job was deleted: the agent stops it.
                 finished.append(entry)
         return agent_pb2.HeartbeatReply(ok=True, unknown=finished)
 
@@ -765,15 +778,34 @@ class Agent:
     async def _sweep(self) -> None:
         """Leader: fail running executions whose agent went quiet."""
         self.liveness.lead(time.monotonic())
+        last = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
+            now = time.monotonic()
+            stalled, last = now - last > STALL_SECONDS, now
+            if stalled:
+                # This process was stopped or starved: the silence it measured
+                # is its own. Count again from now (it may not even lead).
+                log.warning("liveness clocks restarted after a stall")
+                self.liveness.lead(now)
+                continue
             if not self.is_leader():
                 continue
             status = {c.name: c.status for c in self._candidates()}
             self.liveness.heard(self.runner.running_ids(), time.monotonic())
             self.liveness.heard(list(self.runner.unreported), time.monotonic())
             running = self.store.running_refs()
-            for ref, reason in self.liveness.overdue(running, status, time.monotonic()):
+            overdue = self.liveness.overdue(running, status, time.monotonic())
+            if overdue:
+                # Judge only as a leader a quorum still follows (a paused
+                # leader that resumes has been deposed without knowing it).
+                try:
+                    await self.consistent_read()
+                except CronmeshError:
+                    continue
+                if not self.is_leader():
+                    continue
+            for ref, reason in overdue:
                 if ref.id in self._reaping:
                     continue
                 execution = self.store.get_execution(ref.job_name, ref.id)
@@ -799,6 +831,30 @@ class Agent:
             await self.runner.report(execution)
         finally:
             self._reaping.discard(execution.id)
+
+    def _stop_runs_of_deleted_job(self, event: Any) -> None:
+        """FSM listener (leader): kill what still runs for a deleted job."""
+        if event.kind != "job_deleted" or not self.dispatcher.active:
+            return
+        for execution in event.extra.get("running", []):
+            self._spawn(self._kill_quietly(execution))
+
+    async def _kill_quietly(self, execution: Execution) -> None:
+        try:
+            if execution.node_name == self.node_name:
+                self.runner.kill(execution.id)
+            else:
+                address = self.rpc_address(execution.node_name)
+                await self.agents.kill(address, execution.id)
+            log.info(
+                "stopped a run of a deleted job job=%s execution=%s",
+                execution.job_name,
+                execution.id,
+            )
+        except CronmeshError as exc:
+            log.warning(
+                "cannot stop a run of a deleted job execution=%s: %s", execution.id, exc
+            )
 
     def _register_rpc(self, server: grpc.aio.Server) -> None:
         agent_pb2_grpc.add_AgentServicer_to_server(

@@ -366,6 +366,8 @@ def test_restore_parts_are_invisible_until_the_one_restore_command(
     log = Log(tmp_path / "a", max_executions=3)
     log.apply("set_job", job=shell_job("old", "true"))
     for i in range(2):
+        started = {**_run("old", i), "finished_at": None, "success": False}
+        log.apply("execution_started", execution=started)
         log.apply("execution_done", execution=_run("old", i))
     first = {
         "jobs": [shell_job("old", "echo new"), shell_job("top", "true")],

@@ -48,7 +48,7 @@ def test_the_map_grows_instead_of_failing(tmp_path: Path) -> None:
     big = "x" * 150_000
     for i in range(1, 41):
         job = f"j{i}"
-        assert fsm.apply_batch([(2 * i - 1, encode_command("set_job", job=_job(job)))])[
+        assert fsm.apply_batch([(3 * i - 2, encode_command("set_job", job=_job(job)))])[
             0
         ].ok
         done = Execution(
@@ -60,11 +60,19 @@ def test_the_map_grows_instead_of_failing(tmp_path: Path) -> None:
             success=True,
             output=big,
         )
-        assert fsm.apply_batch(
-            [(2 * i, encode_command("execution_done", execution=done.to_json()))]
-        )[0].ok
+        started = Execution(job_name=job, started_at=_t(i), node_name="n", group=i)
+        results = fsm.apply_batch(
+            [
+                (
+                    3 * i - 1,
+                    encode_command("execution_started", execution=started.to_json()),
+                ),
+                (3 * i, encode_command("execution_done", execution=done.to_json())),
+            ]
+        )
+        assert all(r.ok for r in results)
     assert data.env.info()["map_size"] > 1 << 20
-    assert fsm.store.applied_index() == 80
+    assert fsm.store.applied_index() == 120
     assert len(fsm.store.executions("j40")[0].output) == 150_000
     data.close()
 
@@ -106,6 +114,11 @@ def test_done_is_counted_once_and_trimming_keeps_the_newest(tmp_path: Path) -> N
             group=i,
             finished_at=_t(i),
             success=i != 2,
+        )
+        index += 1
+        start = Execution(job_name="a", started_at=_t(i), node_name="n", group=i)
+        fsm.apply_batch(
+            [(index, encode_command("execution_started", execution=start.to_json()))]
         )
         for _ in range(2):  # reported twice
             index += 1

@@ -491,6 +491,7 @@ def _execution_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/v1/jobs/{job}/executions/{execution}")
     async def execution(request: Request, job: str, execution: str) -> Response:
+        await _maybe_consistent(agent, request)
         found = await agent.find_execution(job, execution)
         body = agent.execution_json(found)
         if found.running:

@@ -37,7 +37,7 @@ from cronmesh.core.model import (
     to_ns,
 )
 from cronmesh.core.runner import Runner
-from cronmesh.core.targets import Candidate, select_targets
+from cronmesh.core.targets import Candidate, parse_tags, select_targets
 from cronmesh.errors import ConflictError, CronmeshError, NotFoundError
 from cronmesh.storage.state import StateStore
 
@@ -139,10 +139,13 @@ class Dispatcher:
     def _targets(self, job: Job, node: str | None) -> tuple[list[str], str]:
         members = self.members()
         if node is not None and not job.retry_any_node:
-            # A retry runs where the failed attempt ran, if that node lives.
-            alive = {m.name for m in members if m.status == "alive"}
-            if node in alive:
-                return [node], ""
+            # A retry runs where the failed attempt ran, if that node lives
+            # and still matches the job's tags (they may have changed).
+            bare, _ = parse_tags(job.tags)
+            same = [m for m in members if m.name == node]
+            names, _ = select_targets(bare, self.region, same, self.rng)
+            if names:
+                return names, ""
         return select_targets(job.tags, self.region, members, self.rng)
 
     async def fire(
@@ -319,17 +322,20 @@ class Dispatcher:
                 )
 
     def _group_succeeded(self, job_name: str, group: int) -> bool:
-        """Every node of the group has finished, its last attempt a success."""
-        last: dict[str, Execution] = {}
-        for run in self.store.executions(job_name, with_output=False):
-            if run.group != group:
-                continue
-            if run.running:
-                return False
-            seen = last.get(run.node_name)
-            if seen is None or run.attempt > seen.attempt:
-                last[run.node_name] = run
-        return bool(last) and all(run.success for run in last.values())
+        """Every execution of the group has finished, and every failed one
+        was followed by a later attempt that succeeded (on any node: with
+        `retry_any_node` a retry may move)."""
+        runs = [
+            run
+            for run in self.store.executions(job_name, with_output=False)
+            if run.group == group
+        ]
+        if not runs or any(run.running for run in runs):
+            return False
+        successes = [run.attempt for run in runs if run.success]
+        return all(
+            run.success or any(a > run.attempt for a in successes) for run in runs
+        )
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

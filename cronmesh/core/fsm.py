@@ -48,6 +48,7 @@ log = logging.getLogger("cronmesh.fsm")
 
 DEFAULT_MAX_EXECUTIONS = 100
 DEFAULT_MAX_OUTPUT = 256_000
+PARENT_GROUPS_KEPT = 64
 
 
 @dataclass
@@ -430,8 +431,13 @@ class StateMachine:
                 f"job {name!r} has dependent jobs {job.dependent_jobs}: "
                 "delete the children first",
             )
+        running = view.running_executions(name)
         self._remove_job(view, job)
-        events.append(Event("job_deleted", name, previous=job))
+        # The leader stops these: nothing may keep running for a job that
+        # is gone (a job re-created under its name would overlap with them).
+        events.append(
+            Event("job_deleted", name, previous=job, extra={"running": running})
+        )
         return ApplyResult(value=job)
 
     def _remove_job(self, view: StateView, job: Job) -> None:
@@ -493,13 +499,17 @@ class StateMachine:
         parent = cmd.get("parent")
         if parent:
             seen = runtime.setdefault("parents", {})
-            if seen.get(parent["job"], -1) >= parent["group"]:
+            groups = seen.get(parent["job"], [])
+            groups = [groups] if isinstance(groups, int) else list(groups)
+            if parent["group"] in groups:
                 return _fail(
                     409,
                     f"dependent run for {parent['job']} group {parent['group']} "
                     "already started",
                 )
-            seen[parent["job"]] = parent["group"]
+            # The groups that triggered this job lately (a parent group may
+            # finish after a newer one); older ones are long settled.
+            seen[parent["job"]] = [*groups, parent["group"]][-PARENT_GROUPS_KEPT:]
         runtime["count"] = runtime.get("count", 0) + len(executions)
         for execution in executions:
             view.put_execution(execution)
@@ -519,12 +529,18 @@ class StateMachine:
         if execution.finished_at is None:
             return _fail(400, "execution_done without finished_at")
         stored = view.get_execution(execution.job_name, execution.id)
-        if stored is not None and not stored.running:
+        if stored is None:
+            # Its start was never recorded under this job: a run of a job that
+            # was deleted (and maybe re-created since). Never count it.
+            return _fail(
+                404,
+                f"execution {execution.id} is not a run of job {job.name!r} "
+                "(was the job deleted while it ran?)",
+            )
+        if not stored.running:
             # Reported twice (a retry after a lost ack): count it once.
             return ApplyResult(value=stored, code=208)
         runtime = view.runtime(job.name)
-        if stored is None:
-            runtime["count"] = runtime.get("count", 0) + 1
         encoded = execution.output.encode()
         if len(encoded) > self.max_output:
             execution.output = encoded[-self.max_output :].decode(errors="ignore")
@@ -579,6 +595,10 @@ class StateMachine:
             runtime.update(group=execution.group, ok=0, fail=0)
         elif execution.group < group:
             return
+        if execution.attempt > 1 and runtime["fail"] > 0:
+            # A retry replaces the failed attempt before it: the group's
+            # status is the outcome of each run's last attempt.
+            runtime["fail"] -= 1
         runtime["ok" if execution.success else "fail"] += 1
         if runtime["fail"] == 0:
             job.status = STATUS_SUCCESS

@@ -250,10 +250,10 @@ class Job:
         )
         for key, value in job.tags.items():
             _head, sep, count = value.partition(":")
-            if sep and not count.isdigit():
+            if sep and (not count.isdigit() or int(count) == 0):
                 raise ValidationError(
                     f"tags.{key}: {value!r}: the part after ':' must be a number "
-                    "of nodes",
+                    "of nodes, at least 1",
                     "tags",
                 )
         if job.parent_job:

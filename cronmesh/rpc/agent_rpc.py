@@ -37,6 +37,10 @@ __all__ = [
 log = logging.getLogger("cronmesh.rpc")
 
 CALL_TIMEOUT = 5.0
+# Output streams: the agent sends an empty chunk after KEEPALIVE seconds
+# without output; a follower gives up after FOLLOW_SILENCE without any.
+KEEPALIVE = 2.0
+FOLLOW_SILENCE = 10.0
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -110,19 +114,23 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self, request: agent_pb2.OutputRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.OutputChunk]:
         offset = request.offset
+        quiet = 0.0
         while True:
             got = self._output(request.execution_id, offset)
             if got is None:
                 yield agent_pb2.OutputChunk(found=False, finished=True, offset=offset)
                 return
             data, offset, finished = got
-            if data or finished or not request.follow:
+            # An empty chunk now and then tells the follower this node lives.
+            if data or finished or not request.follow or quiet >= KEEPALIVE:
+                quiet = 0.0
                 yield agent_pb2.OutputChunk(
                     data=data, offset=offset, found=True, finished=finished
                 )
             if finished or not request.follow:
                 return
             await asyncio.sleep(0.2)
+            quiet += 0.2
 
 
 class ExecutionsService(agent_pb2_grpc.ExecutionsServicer):
@@ -194,7 +202,17 @@ class AgentClient:
             timeout=None if follow else CALL_TIMEOUT,
         )
         try:
-            async for chunk in call:
+            while True:
+                # A following stream hears from a live node every KEEPALIVE.
+                try:
+                    async with asyncio.timeout(FOLLOW_SILENCE):
+                        chunk = await call.read()
+                except TimeoutError as exc:
+                    raise CronmeshError(
+                        f"agent at {address} sent nothing for {FOLLOW_SILENCE:.0f} s"
+                    ) from exc
+                if chunk is grpc.aio.EOF:
+                    return
                 yield chunk
         except grpc.aio.AioRpcError as exc:
             raise CronmeshError(

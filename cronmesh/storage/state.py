@@ -275,6 +275,10 @@ class StateStore:
         with self.view() as v:
             return v.running_executions(job)
 
+    def has_job(self, name: str) -> bool:
+        with self.view() as v:
+            return v.has_job(name)
+
     def running_refs(self) -> list[RunRef]:
         """(job, execution id, node) of every running execution, from the
         keys alone: cheap enough to call every second with thousands."""
