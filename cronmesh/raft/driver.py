@@ -52,6 +52,10 @@ from cronmesh.storage.snapshot import dump_state, load_state
 
 __all__ = ["RaftDriver", "RaftSettings"]
 
+# Longest wait for more proposals to share one persist (see _gather).
+GATHER_MAX = 0.002
+GATHER_STEP = 0.0002
+
 log = logging.getLogger("cronmesh.raft")
 
 NOOP = encode_command("noop")
@@ -268,6 +272,8 @@ class RaftDriver:
                         await self._wake.wait()
                 except TimeoutError:
                     pass
+            if self._proposals and not self._inbox:
+                await self._gather(loop)
             try:
                 if loop.time() >= next_tick:
                     self._node().tick()
@@ -285,6 +291,27 @@ class RaftDriver:
                 self._fail_all(exc)
                 return
             await asyncio.sleep(0)
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give the loop a few turns to take in more proposals before this
+        turn's persist blocks it for an fsync.
+
+        gRPC and uvicorn accept about one request per loop turn, so without
+        this a burst of 200 forwarded writes gets one write per fsync
+        (measured: 200 concurrent Propose calls on one server took 1.1 s,
+        every batch of one). Stops when a short sleep brings nothing new,
+        or after GATHER_MAX seconds.
+        """
+        deadline = loop.time() + GATHER_MAX
+        count = len(self._proposals)
+        while loop.time() < deadline:
+            # A real sleep, not sleep(0): gRPC's poller thread hands new
+            # calls to the loop through a socket, which a turn without
+            # waiting rarely sees.
+            await asyncio.sleep(GATHER_STEP)
+            if len(self._proposals) == count:
+                break
+            count = len(self._proposals)
 
     def _node(self) -> RaftNode:
         assert self.node is not None
