@@ -502,14 +502,21 @@ class Agent:
     def server_peers(self) -> dict[str, str]:
         """The other servers (alive in the mesh, or given by --peer) and
         their RPC addresses."""
-        peers = dict(self.config.peers)
-        if self.gossip is not None:
-            for member in self.gossip.members():
-                if member.name == self.node_name or member.status != "alive":
-                    continue
-                if member.tags.get("server") == "true" and member.tags.get("rpc_addr"):
-                    peers[member.name] = member.tags["rpc_addr"]
+        peers = {**self.config.peers, **self._mesh_servers(("alive",))}
+        peers.pop(self.node_name, None)
         return peers
+
+    def _mesh_servers(self, statuses: tuple[str, ...]) -> dict[str, str]:
+        """Servers of the mesh in one of `statuses` -> their RPC address."""
+        if self.gossip is None:
+            return {}
+        return {
+            m.name: m.tags["rpc_addr"]
+            for m in self.gossip.members()
+            if m.status in statuses
+            and m.tags.get("server") == "true"
+            and m.tags.get("rpc_addr")
+        }
 
     def server_identities(self) -> dict[str, str]:
         """The other servers alive in the mesh and their cluster ids ("" for
@@ -553,12 +560,7 @@ class Agent:
         found = dict(self.config.peers)
         if self.cluster is not None:
             found[self.node_name] = self.tags["rpc_addr"]
-        if self.gossip is not None:
-            for member in self.gossip.members():
-                if member.status not in ("alive", "suspect"):
-                    continue
-                if member.tags.get("server") == "true" and member.tags.get("rpc_addr"):
-                    found[member.name] = member.tags["rpc_addr"]
+        found.update(self._mesh_servers(("alive", "suspect")))
         self._server_cache = (now, found)
         return found
 
@@ -712,11 +714,7 @@ class Agent:
         if not execution.running:
             raise NotFoundError(f"execution {exec_id!r} of job {job!r} is not running")
         node = execution.node_name
-        if node == self.node_name:
-            found = self.runner.kill(exec_id)
-        else:
-            found = await self.agents.kill(self.rpc_address(node), exec_id)
-        if not found:
+        if not await self._kill_on(node, exec_id):
             raise NotFoundError(
                 f"execution {exec_id!r} of job {job!r} is not running on {node}"
             )
@@ -839,13 +837,16 @@ class Agent:
         for execution in event.extra.get("running", []):
             self._spawn(self._kill_quietly(execution))
 
+    async def _kill_on(self, node: str, exec_id: str) -> bool:
+        """Kill an execution on `node` (this one or another); False when that
+        node does not run it."""
+        if node == self.node_name:
+            return self.runner.kill(exec_id)
+        return await self.agents.kill(self.rpc_address(node), exec_id)
+
     async def _kill_quietly(self, execution: Execution) -> None:
         try:
-            if execution.node_name == self.node_name:
-                self.runner.kill(execution.id)
-            else:
-                address = self.rpc_address(execution.node_name)
-                await self.agents.kill(address, execution.id)
+            await self._kill_on(execution.node_name, execution.id)
             log.info(
                 "stopped a run of a deleted job job=%s execution=%s",
                 execution.job_name,

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from schedule import percentile  # the sibling bench's; this directory is on sys.path
 
 from cronmesh.errors import StorageError
 from cronmesh.storage.env import DataDir
@@ -57,13 +58,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Node:
