@@ -92,6 +92,25 @@ class Metrics:
             registry=r,
         )
         missed.set_function(lambda: agent.scheduler.missed)
+        shed = Gauge(
+            "cronmesh_scheduler_shed_fires",
+            "Fire instants skipped because the leader was overloaded and the "
+            "job's next instant came due while the previous one still waited",
+            registry=r,
+        )
+        shed.set_function(lambda: agent.scheduler.shed)
+        window = Gauge(
+            "cronmesh_scheduler_fire_window",
+            "Fires the leader lets be in flight at once (follows the loop lag)",
+            registry=r,
+        )
+        window.set_function(lambda: agent.scheduler.window.limit)
+        lag = Gauge(
+            "cronmesh_event_loop_lag_seconds",
+            "Worst lateness of the event loop over the last half second",
+            registry=r,
+        )
+        lag.set_function(lambda: agent.loop_lag.last)
         jobs = Gauge("cronmesh_jobs", "Jobs stored", registry=r)
         jobs.set_function(lambda: _job_count(agent))
         scheduled = Gauge(

@@ -63,6 +63,8 @@ class FireOutcome:
     skipped: str = ""
     result: ApplyResult | None = None
     executions: tuple[Execution, ...] = ()
+    # The hand-overs of the started executions, running as tasks.
+    dispatches: tuple[asyncio.Task[object], ...] = ()
 
 
 def retry_backoff(attempt: int, elapsed: float) -> float:
@@ -236,10 +238,14 @@ class Dispatcher:
             return FireOutcome(
                 execution=failed, result=result, executions=tuple(executions)
             )
-        for execution in executions:
-            self._spawn(self._dispatch(job, execution))
+        dispatches = tuple(
+            self._spawn(self._dispatch(job, execution)) for execution in executions
+        )
         return FireOutcome(
-            execution=executions[0], result=result, executions=tuple(executions)
+            execution=executions[0],
+            result=result,
+            executions=tuple(executions),
+            dispatches=dispatches,
         )
 
     async def _dispatch(self, job: Job, execution: Execution) -> None:
@@ -337,10 +343,11 @@ class Dispatcher:
             run.success or any(a > run.attempt for a in successes) for run in runs
         )
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _later(self, delay: float, start: Callable[[], Awaitable[object]]) -> None:
         async def run() -> None:

@@ -37,6 +37,8 @@ log = logging.getLogger("cronmesh.runner")
 REPORT_RETRY_MAX = 5.0
 # Results per executions_done command (keeps one log entry well under 4 MB).
 MAX_REPORT_BATCH = 64
+# Report batches on their way to the leader at once, per node.
+REPORT_PIPELINE = 2
 MAX_REPORT_BYTES = 1 << 20
 
 
@@ -79,6 +81,7 @@ class Runner:
         self._reports: set[asyncio.Task[None]] = set()
         self._batch: list[tuple[Execution, asyncio.Future[None]]] = []
         self._batch_scheduled = False
+        self._delivering = 0  # report batches on their way (REPORT_PIPELINE)
         self.on_finished: list[Any] = []
 
     async def accept(self, job: Job, execution: Execution) -> bool:
@@ -208,8 +211,13 @@ class Runner:
                 await self.outbox.remove(execution.id)
 
     async def _report_batched(self, execution: Execution) -> None:
-        """Results that end in the same event-loop turn travel in one
-        `executions_done` command (one log entry, one forwarding call)."""
+        """Report `execution` together with others: at most REPORT_PIPELINE
+        batches are on their way at once, and results that end meanwhile
+        wait and travel in the next one (one `executions_done` command: one
+        log entry, one forwarding call). A lone result leaves at once; under
+        load the batches grow with the leader's commit time instead of the
+        number of calls (hundreds of concurrent calls timed out at a busy
+        leader and were retried, which made it busier)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._batch.append((execution, future))
@@ -220,19 +228,18 @@ class Runner:
 
     def _send_batch(self) -> None:
         self._batch_scheduled = False
-        size = count = 0
-        for execution, _ in self._batch:
-            size += len(execution.output)
-            if count and (count >= MAX_REPORT_BATCH or size > MAX_REPORT_BYTES):
-                break
-            count += 1
-        batch, self._batch = self._batch[:count], self._batch[count:]
-        if self._batch:
-            self._batch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_batch)
-        task = asyncio.create_task(self._deliver_batch(batch))
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
+        while self._batch and self._delivering < REPORT_PIPELINE:
+            size = count = 0
+            for execution, _ in self._batch:
+                size += len(execution.output)
+                if count and (count >= MAX_REPORT_BATCH or size > MAX_REPORT_BYTES):
+                    break
+                count += 1
+            batch, self._batch = self._batch[:count], self._batch[count:]
+            self._delivering += 1
+            task = asyncio.create_task(self._deliver_batch(batch))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
 
     async def _deliver_batch(
         self, batch: list[tuple[Execution, asyncio.Future[None]]]
@@ -250,6 +257,10 @@ class Runner:
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+            self._delivering -= 1
+            if self._batch and not self._batch_scheduled:
+                self._batch_scheduled = True
+                asyncio.get_running_loop().call_soon(self._send_batch)
 
     async def report(self, execution: Execution) -> None:
         """Propose `execution_done` until a leader takes it."""

@@ -21,6 +21,14 @@ the clock jumped forward, the loop was late), each missed instant within
 `missed`. So a catch-up burst is bounded by the window, and no job is left
 stranded however long the outage (compare Kubernetes' "too many missed start
 times").
+
+Overload. At most `window.limit` fires are in flight at once (from the fire
+to the hand-over of its runs, at most `HANDOVER_HOLD` seconds of that); the
+limit follows the event loop's lag (cronmesh/core/admission.py). Fires over
+it wait in arrival order, one per job: when a job's next instant comes due
+while the previous one still waits, the older one is skipped and counted in
+`shed`. A leader offered more than it can do runs fewer fires on time
+instead of losing its lead to a stalled loop.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cronmesh.core.admission import Window, WindowSettings
 from cronmesh.core.dispatcher import Dispatcher
 from cronmesh.core.fsm import Event
 from cronmesh.core.model import Job
@@ -51,6 +60,11 @@ DEFAULT_CATCH_UP = 60.0
 # Missed instants older than the window are counted one by one up to this
 # many; past that the count is a lower bound.
 MAX_CATCH_UP_STEPS = 10_000
+# A fire keeps its place in the window until its runs are handed over, but
+# no longer than this: one unreachable agent must not hold every slot.
+HANDOVER_HOLD = 1.0
+# Seconds between two warnings about shed fires.
+SHED_LOG_EVERY = 10.0
 
 
 @dataclass
@@ -72,6 +86,7 @@ class Scheduler:
         catch_up: float = DEFAULT_CATCH_UP,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        window: WindowSettings | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
@@ -86,6 +101,17 @@ class Scheduler:
         self._fires: set[asyncio.Task[object]] = set()
         self.missed = 0
         self.fired = 0
+        self.window = Window(window)
+        # Due fires waiting for a place in the window: job -> its instants,
+        # jobs in arrival order; and the scheduler turn that last added to
+        # each job's list (instants of one turn are a catch-up burst that
+        # all run; an instant that waited a turn is shed by the next one).
+        self._waiting: dict[str, list[datetime]] = {}
+        self._added: dict[str, int] = {}
+        self._turn = 0
+        self.shed = 0
+        self._shed_logged = (0.0, 0)  # (monotonic time, shed count) of the last warning
+        self.last_lag = 0.0
 
     # -- life cycle
     def start(self) -> None:
@@ -103,6 +129,8 @@ class Scheduler:
             self._task = None
         self.entries.clear()
         self._heap.clear()
+        self._waiting.clear()
+        self._added.clear()
 
     @property
     def running(self) -> bool:
@@ -211,6 +239,7 @@ class Scheduler:
             self._load(job)
 
     def _fire_due(self, now: float) -> None:
+        self._turn += 1
         while self._heap and self._heap[0][0] <= now:
             _, _, name, generation = heapq.heappop(self._heap)
             entry = self.entries.get(name)
@@ -222,16 +251,83 @@ class Scheduler:
                 continue
             instant = entry.next_fire
             self.fired += 1
+            self._enqueue(name, instant)
+            if not entry.one_shot:
+                self._plan(name, entry, instant)
+            else:
+                entry.next_fire = None
+        self._admit()
+        self._warn_shed()
+
+    def _enqueue(self, name: str, instant: datetime) -> None:
+        waiting = self._waiting.get(name)
+        if waiting is None:
+            self._waiting[name] = [instant]
+        elif self._added[name] == self._turn:
+            waiting.append(instant)
+        else:
+            self.shed += len(waiting)
+            log.debug(
+                "fires shed job=%s oldest=%s count=%d window=%d",
+                name,
+                waiting[0].isoformat(),
+                len(waiting),
+                self.window.limit,
+            )
+            waiting[:] = [instant]  # keeps the job's place in line
+        self._added[name] = self._turn
+
+    def _admit(self) -> None:
+        """Start waiting fires while the window has room."""
+        oldest = self._now() - timedelta(seconds=self.catch_up)
+        while self._waiting and self.window.try_acquire():
+            name = next(iter(self._waiting))
+            waiting = self._waiting.pop(name)
+            instant = waiting.pop(0)
+            if waiting:
+                self._waiting[name] = waiting  # the rest of a burst, to the back
+            else:
+                del self._added[name]
+            if instant < oldest:
+                # Waited past the catch-up window: skipped like any late fire.
+                self.missed += 1
+                self.window.release()
+                continue
             task = asyncio.create_task(self._fire(name, instant))
             self._fires.add(task)
             task.add_done_callback(self._fires.discard)
-            if entry.one_shot:
-                entry.next_fire = None
-                continue
-            self._plan(name, entry, instant)
+
+    def on_lag(self, lag: float) -> None:
+        """LoopLag listener: resize the window, start what now fits."""
+        self.last_lag = lag
+        self.window.adjust(lag)
+        self._admit()
+
+    def _warn_shed(self) -> None:
+        at, count = self._shed_logged
+        now = self.mono()
+        if self.shed > count and now - at >= SHED_LOG_EVERY:
+            log.warning(
+                "overloaded: shed %d fires in %.0fs (window=%d in_flight=%d "
+                "waiting=%d loop_lag=%.3fs)",
+                self.shed - count,
+                now - at if at else 0.0,
+                self.window.limit,
+                self.window.in_flight,
+                len(self._waiting),
+                self.last_lag,
+            )
+            self._shed_logged = (now, self.shed)
 
     async def _fire(self, name: str, instant: datetime) -> None:
         try:
-            await self.dispatcher.fire(name, fire_at=instant, trigger="schedule")
+            outcome = await self.dispatcher.fire(
+                name, fire_at=instant, trigger="schedule"
+            )
+            if outcome.dispatches:
+                await asyncio.wait(outcome.dispatches, timeout=HANDOVER_HOLD)
         except CronmeshError as exc:
             log.warning("fire failed job=%s error=%s", name, exc)
+        finally:
+            self.window.release()
+            self._admit()
