@@ -280,6 +280,7 @@ def phase_saturation(jobs: int, duration: float) -> dict[str, Any]:
         created = create_jobs(lead, jobs, "sat")
         time.sleep(duration)
         stopping = time.time()
+        health = _overload_figures(nodes)
     finally:
         stop_cluster(nodes)
     # Steady state only: skip the first 5 s and the last 2 s.
@@ -307,8 +308,34 @@ def phase_saturation(jobs: int, duration: float) -> dict[str, Any]:
         "committed_per_s": round(finished / seconds, 1),
         "offered_per_s": jobs,
         "fires_recorded_per_s": round(fired / seconds, 1),
+        **health,
         "load_after": os.getloadavg()[0],
     }
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _overload_figures(nodes: list[Node]) -> dict[str, Any]:
+    """Leader changes during the phase, and what the leader shed."""
+    changes = 0.0
+    shed = 0.0
+    for node in nodes:
+        if not node.server or not node.alive():
+            continue
+        try:
+            text = node.http.get("/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        # Each server counts every election it saw won; the first is the
+        # cluster forming.
+        changes = max(changes, _metric(text, "cronmesh_raft_leader_changes_total") - 1)
+        shed += _metric(text, "cronmesh_scheduler_shed_fires")
+    return {"leader_changes": int(changes), "fires_shed": int(shed)}
 
 
 def phase_failover(kills: int) -> dict[str, Any]:
