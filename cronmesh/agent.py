@@ -91,6 +91,16 @@ log = logging.getLogger("cronmesh.agent")
 STALL_SECONDS = 5.0
 
 
+def _bind_error(host: str, port: int) -> str:
+    """Why `host:port` cannot be bound, as ": reason" (gRPC only says no)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        return f": {exc.strerror or exc}"
+    return ""
+
+
 def parse_addr(text: str, default_port: int, field_name: str) -> tuple[str, int]:
     """`host:port`, `:port` or `host` into (host, port)."""
     host, sep, port_text = text.rpartition(":")
@@ -896,9 +906,15 @@ class Agent:
         try:
             bound = self.rpc_security.add_port(server, f"{host}:{port}")
         except RuntimeError as exc:
-            raise CronmeshError(f"--rpc-port {port}: cannot listen on {host}") from exc
+            why = _bind_error(host, port)
+            raise CronmeshError(
+                f"--rpc-port {port}: cannot listen on {host}{why}"
+            ) from exc
         if bound == 0:
-            raise CronmeshError(f"--rpc-port {port}: cannot listen on {host}:{port}")
+            why = _bind_error(host, port)
+            raise CronmeshError(
+                f"--rpc-port {port}: cannot listen on {host}:{port}{why}"
+            )
         await server.start()
         self._rpc_server = server
 

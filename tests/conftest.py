@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,42 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_GIVEN: set[int] = set()
+_PICK = random.Random(os.getpid())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port free for TCP and UDP on `host`, below the ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the range it also
+    takes outgoing connections' local ports from; with dozens of gRPC and
+    HTTP connections opening, one of them took such a port between the pick
+    and the agent's bind ("Address already in use"). Ports below the range
+    are never taken that way; each is handed out once per test session.
+    """
+    top = _ephemeral_low() - 1
+    for _ in range(500):
+        port = _PICK.randint(10_000, top)
+        if port in _GIVEN:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                tcp.bind((host, port))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind((host, port))
+        except OSError:
+            continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port below {top + 1} on {host}")
 
 
 def cases_dir() -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port as conftest_free_port
 
 from cronmesh.errors import TransportError, ValidationError
 from cronmesh.gossip import Keyring, encode_message, encode_packet, generate_key
@@ -48,18 +49,8 @@ SLACK_S = 3.0
 
 
 def free_port(host: str) -> int:
-    """A port free for both TCP and UDP on ``host``."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError(f"no free port on {host}")
+    """A port free for both TCP and UDP on ``host`` (tests/conftest.py)."""
+    return conftest_free_port(host)
 
 
 def wait_until(
