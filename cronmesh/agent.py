@@ -728,11 +728,16 @@ class Agent:
         """Stop a running execution on whatever node runs it; returns the node.
 
         Raises:
-            NotFoundError: no such execution, or it is not running.
+            NotFoundError: no such execution, or its node no longer runs it.
+            ConflictError: the execution has finished (409, with its id).
         """
         execution = await self.find_execution(job, exec_id)
         if not execution.running:
-            raise NotFoundError(f"execution {exec_id!r} of job {job!r} is not running")
+            raise ConflictError(
+                f"execution {exec_id!r} of job {job!r} has finished "
+                f"({'succeeded' if execution.success else 'failed'}): nothing to kill",
+                exec_id,
+            )
         node = execution.node_name
         if not await self._kill_on(node, exec_id):
             raise NotFoundError(

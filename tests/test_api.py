@@ -147,6 +147,22 @@ def test_J10_shell_flag_must_be_a_string(agent: AgentProcess) -> None:
     assert agent.finished("not-piped")[0]["output"] == "test\n"
 
 
+def test_unknown_job_fields_are_ignored_but_named(agent: AgentProcess) -> None:
+    typo = {**shell_job("typo", "true"), "retrys": 3}
+    created = agent.post_job(typo)
+    assert created.status_code == 201
+    assert created.json()["retries"] == 0
+    (warning,) = created.json()["warnings"]
+    assert warning.startswith("retrys: not a job field") and "'retries'" in warning
+    patched = agent.http.patch("/v1/jobs/typo", json={"sheduel": "@every 3s"})
+    assert patched.status_code in (200, 201), patched.text
+    assert "'schedule'" in patched.json()["warnings"][0]
+    # Dkron's own fields, runtime ones included, are no surprise.
+    shown = agent.http.get("/v1/jobs/typo").json()
+    again = agent.post_job(shown)
+    assert again.status_code == 201 and "warnings" not in again.json()
+
+
 def test_J04_dependent_jobs_survive_parent_update_and_child_delete(
     agent: AgentProcess,
 ) -> None:

@@ -121,3 +121,48 @@ def test_agent_flags_are_checked_before_starting(tmp_path: Path) -> None:
     assert bad_level.returncode == 2
     version = cli("version")
     assert version.returncode == 0 and version.stdout.startswith("cronmesh ")
+
+
+def test_apply_of_a_list_with_one_bad_job_applies_nothing(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    def job(name: str, schedule: str) -> dict[str, object]:
+        return {
+            "name": name,
+            "schedule": schedule,
+            "executor": "shell",
+            "executor_config": {"command": "true"},
+        }
+
+    spec = tmp_path / "three.json"
+    spec.write_text(
+        json.dumps(
+            [job("all-a", "@every 1m"), job("all-b", "nope"), job("all-c", "@daily")]
+        )
+    )
+    applied = cli("jobs", "apply", "-f", str(spec), address=agent.url)
+    assert applied.returncode == 2, applied.stdout
+    assert applied.stderr.count("\n") == 1
+    assert "nothing applied" in applied.stderr and "all-b" in applied.stderr
+    names = [
+        j["name"]
+        for j in json.loads(cli("jobs", "list", "--json", address=agent.url).stdout)
+    ]
+    assert not {"all-a", "all-b", "all-c"} & set(names)
+
+
+def test_a_manual_run_that_no_node_matches_is_not_reported_started(
+    agent: AgentProcess,
+) -> None:
+    job = {
+        "name": "nowhere",
+        "schedule": "@manually",
+        "executor": "shell",
+        "executor_config": {"command": "true"},
+        "tags": {"role": "no-such-role"},
+    }
+    assert agent.post_job(job).status_code == 201
+    run = cli("jobs", "run", "nowhere", address=agent.url)
+    assert run.returncode == 1, run.stdout
+    assert "not run" in run.stderr and "role=no-such-role" in run.stderr
+    assert "started" not in run.stdout

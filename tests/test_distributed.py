@@ -216,7 +216,7 @@ def test_output_streams_and_kill_reaches_the_agent(mesh: list[AgentProcess]) -> 
     )
     assert done["success"] is False and "line-8" in done["output"]
     again = s2.http.post(f"{path}/kill")
-    assert again.status_code == 404 and "not running" in again.json()["error"]
+    assert again.status_code == 409 and "has finished" in again.json()["error"]
 
 
 def test_forbid_holds_for_manual_runs_cluster_wide(mesh: list[AgentProcess]) -> None:
@@ -323,7 +323,7 @@ def test_cli_executions_kill_and_logs(mesh: list[AgentProcess]) -> None:
     logs = cli("executions", "logs", "cli-kill", exec_id)
     assert logs.returncode == 0 and "hi" in logs.stdout
     missing = cli("executions", "kill", "cli-kill", exec_id)
-    assert missing.returncode == 1 and "not running" in missing.stderr
+    assert missing.returncode == 1 and "has finished" in missing.stderr
 
 
 def test_leader_and_agent_kills_lose_and_double_nothing(tmp_path: Path) -> None:

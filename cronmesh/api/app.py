@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cronmesh import __version__
 from cronmesh.api.acl import TokenAuth
 from cronmesh.core.commitlog import NotLeaderError
-from cronmesh.core.model import Job
+from cronmesh.core.model import Job, unknown_job_fields
 from cronmesh.errors import (
     ConflictError,
     CronmeshError,
@@ -378,7 +378,7 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
             location = f"{location}/{job.name}"
         location = quote(location, safe="/")
         body = agent.job_json(job)
-        warnings = agent.job_warnings(job)
+        warnings = unknown_job_fields(data) + agent.job_warnings(job)
         if warnings:
             body["warnings"] = warnings  # ours; Dkron clients ignore it
         return _reply(request, body, 201, headers={"Location": location})
@@ -402,7 +402,11 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
             raise ValidationError("name: cannot be changed by PATCH", "name")
         current.update(changes)
         stored, _ = await agent.set_job(current)
-        return _reply(request, agent.job_json(stored))
+        body = agent.job_json(stored)
+        warnings = unknown_job_fields(changes) + agent.job_warnings(stored)
+        if warnings:
+            body["warnings"] = warnings
+        return _reply(request, body)
 
     @app.get("/v1/jobs")
     async def list_jobs(request: Request) -> Response:
@@ -450,6 +454,16 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
         headers = {"Location": quote(request.url.path, safe="/")}
         if execution is not None:
             headers["X-Execution-Id"] = execution.id
+            marker = "[cronmesh] not run: "
+            if execution.finished_at is not None and execution.output.startswith(
+                marker
+            ):
+                # No node matched: recorded failed at once (Dkron still
+                # answers 202 here; scripts and the CLI may read why).
+                reason = execution.output[len(marker) :].strip()
+                headers["X-Cronmesh-Not-Run"] = reason.encode(
+                    "ascii", "backslashreplace"
+                ).decode()
         return _reply(request, body, 202, headers=headers)
 
     @app.post("/v1/jobs/{job}/toggle")

@@ -195,6 +195,31 @@ def _load_jobs(path: Path) -> list[Any]:
     return data if isinstance(data, list) else [data]
 
 
+def _check_jobs(client: Client, path: Path, jobs: list[Any]) -> None:
+    """Exit 2 naming every bad job of `jobs` (the server's restore check)."""
+    try:
+        response = client.http.request(
+            "POST",
+            "/v1/restore",
+            params={"dry_run": "true"},
+            files={"file": ("jobs.json", json.dumps(jobs).encode())},
+        )
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach cronmesh at {client.address}: {exc}")
+    if response.status_code == 400:
+        try:
+            rejected = response.json().get("jobs") or []
+        except ValueError:
+            rejected = []
+        problems = "; ".join(
+            f"{r.get('name') or '#' + str(r.get('index'))}: {r.get('error')}"
+            for r in rejected
+            if isinstance(r, dict)
+        )
+        fail(f"{path}: nothing applied: {problems or _message(response)}", 2)
+    client.check(response)
+
+
 @jobs_app.command("apply")
 def apply(
     file: Annotated[
@@ -206,11 +231,31 @@ def apply(
     ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
-    """Create or update jobs from a JSON file."""
+    """Create or update jobs from a JSON file.
+
+    A list is checked whole first (each job, names used once, parents): one
+    bad job and nothing is applied.
+    """
     client = Client(address, token, ca_cert)
-    stored = [
-        client.call("POST", "/v1/jobs", json=job).json() for job in _load_jobs(file)
-    ]
+    jobs = _load_jobs(file)
+    if len(jobs) > 1:
+        _check_jobs(client, file, jobs)
+    stored: list[dict[str, Any]] = []
+    for job in jobs:
+        response = client.http.request("POST", "/v1/jobs", json=job)
+        if response.status_code >= 400 and stored:
+            # Limitation: the list is applied job by job, so a job the server
+            # refuses after the check (the cluster changed meanwhile) leaves
+            # the ones before it applied; say exactly which.
+            done = ", ".join(str(j["name"]) for j in stored)
+            name = job.get("name") if isinstance(job, dict) else None
+            fail(
+                f"{name or 'job'}: {_message(response)} (HTTP "
+                f"{response.status_code}); applied before it: {done}; "
+                f"not applied: {name} and the {len(jobs) - len(stored) - 1} after it",
+                2 if response.status_code == 400 else 1,
+            )
+        stored.append(client.check(response).json())
     if as_json:
         print_json(stored)
     else:
@@ -248,8 +293,13 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a job now (returns once the run has started)."""
-    response = Client(address, token, ca_cert).call("POST", f"/v1/jobs/{job}/run")
+    client = Client(address, token, ca_cert)
+    response = client.call("POST", f"/v1/jobs/{job}/run")
     exec_id = response.headers.get("X-Execution-Id", "")
+    not_run = response.headers.get("X-Cronmesh-Not-Run", "")
+    if not_run:
+        # Recorded failed at once: no node matched, or none could be reached.
+        fail(f"{job}: not run: {not_run} (execution {exec_id})", 1)
     if as_json:
         print_json({"job": job, "execution_id": exec_id})
     else:

@@ -35,7 +35,14 @@ class NotLeaderError(CronmeshError):
     """This node cannot accept writes now; `leader` names who can, if known."""
 
     def __init__(self, leader: str = "") -> None:
-        super().__init__(f"not the leader (leader: {leader or 'unknown'})")
+        if leader:
+            message = f"not the leader (leader: {leader})"
+        else:
+            message = (
+                "no leader known: a majority of the servers may be down or "
+                "an election is under way (not the leader, leader: unknown)"
+            )
+        super().__init__(message)
         self.leader = leader
 
 

@@ -12,6 +12,7 @@ An `Execution` is one run of a job on one node. Its id is Dkron's:
 
 from __future__ import annotations
 
+import difflib
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -357,6 +358,28 @@ class Job:
 
     def copy(self) -> Job:
         return Job.from_stored(self.to_json())
+
+
+# Every field a job document may carry: Dkron's (including the live `next`)
+# and ours. Anything else is ignored, as Dkron does, but said (job_warnings).
+JOB_FIELDS = frozenset(
+    {
+        *Job(name="x").to_json(),
+        "next",
+    }
+)
+
+
+def unknown_job_fields(data: Any) -> list[str]:
+    """One warning per field of `data` that no job has (a typo, mostly)."""
+    if not isinstance(data, dict):
+        return []
+    warnings = []
+    for key in sorted(str(k) for k in data if k not in JOB_FIELDS):
+        close = difflib.get_close_matches(key, JOB_FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        warnings.append(f"{key}: not a job field, ignored{hint}")
+    return warnings
 
 
 @dataclass
