@@ -3,6 +3,7 @@ the capped buffer, the state machine's --max-output, a follower's stream."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,8 @@ from cronmesh.core.output import (
     trim_output,
     trim_text,
 )
+from cronmesh.rpc import agent_pb2
+from cronmesh.rpc.agent_rpc import AgentService
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.state import StateStore
 
@@ -234,3 +237,33 @@ def test_stored_output_keeps_one_marker_with_the_total(tmp_path: Path) -> None:
     assert stored.endswith("é\n[cronmesh] killed\n".encode())
     assert accounted(stored) == 5000 + len(done.output.encode()) - len(cut_marker(5000))
     data.close()
+
+
+def test_the_output_rpc_marks_a_skip_and_keeps_counting_job_bytes() -> None:
+    buf = OutputBuffer(100)
+    buf.write(b"hello\n")
+    reads: list[int] = []
+
+    def output(exec_id: str, offset: int) -> tuple[bytes, int, bool]:
+        reads.append(offset)
+        if len(reads) == 2:  # the job wrote faster than the follower read
+            buf.write(b"y" * 500 + b"\nbye\n")
+        kept, end = buf.read_from(offset)
+        return kept, end, len(reads) >= 2
+
+    async def no_run(job: dict[str, object], execution: dict[str, object]) -> None:
+        return None
+
+    service = AgentService(no_run, lambda exec_id: False, output)
+    request = agent_pb2.OutputRequest(execution_id="e", follow=True)
+
+    async def collect() -> list[agent_pb2.OutputChunk]:
+        return [chunk async for chunk in service.Output(request, None)]  # type: ignore[arg-type]
+
+    chunks = asyncio.run(collect())
+    assert [c.offset for c in chunks] == [6, buf.total] and chunks[-1].finished
+    assert reads == [0, 6]
+    stream = b"".join(c.data for c in chunks)
+    assert stream.startswith(b"hello\n[... ") and stream.endswith(b"y\nbye\n")
+    cut, rest = split_cut(stream[len(b"hello\n") :])
+    assert 6 + cut + len(rest) == buf.total
