@@ -714,15 +714,29 @@ class Agent:
         if not execution.running:
             yield execution.output.encode()
             return
+        streamed = False
         try:
             address = self.rpc_address(execution.node_name)
             async for chunk in self.agents.output(address, execution.id, follow=True):
                 if chunk.data:
+                    streamed = True
                     yield chunk.data
                 if not chunk.found:
+                    yield await self._output_gone(execution, streamed)
                     break
         except CronmeshError as exc:
             yield f"\n[cronmesh] output stream ended: {exc}\n".encode()
+
+    async def _output_gone(self, execution: Execution, streamed: bool) -> bytes:
+        """What a follower gets when the run's node no longer has it live
+        (it ended, and a slow follower read its end too late)."""
+        found = await self.find_execution(execution.job_name, execution.id)
+        if not streamed and not found.running:
+            return found.output.encode()
+        return (
+            f"\n[cronmesh] output stream ended: {execution.node_name} no longer "
+            "has this run live; its stored output has the end\n"
+        ).encode()
 
     async def kill_execution(self, job: str, exec_id: str) -> str:
         """Stop a running execution on whatever node runs it; returns the node.

@@ -249,6 +249,18 @@ def test_retention_and_output_cap(agent_factory: Any) -> None:
         "/v1/jobs/big/executions", params={"output_size_limit": "10"}
     ).json()
     assert limited[0]["output_truncated"] is True and len(limited[0]["output"]) == 10
+    # A limit that holds a marker gets one, with every byte cut since the run.
+    marked = next(
+        r["output"]
+        for r in agent.http.get(
+            "/v1/jobs/big/executions", params={"output_size_limit": "100"}
+        ).json()
+        if r["finished_at"]
+    )
+    marker, kept = marked.split("\n", 1)
+    assert len(marked.encode()) <= 100 and kept.endswith("1999\n2000\n")
+    whole = sum(len(f"{i}\n") for i in range(1, 2001))
+    assert marker == f"[... {whole - len(kept)} bytes cut ...]"
 
 
 def test_J01_kill_9_mid_run_then_restart(agent: AgentProcess) -> None:

@@ -228,11 +228,6 @@ def test_retry_follows_the_tags_the_job_has_now(mesh: list[AgentProcess]) -> Non
     assert retry["node_name"] == "w2", retry
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the executor's cut marker is cut again when the state trims the "
-    "output to --max-output, so a truncated output does not say so",
-)
 def test_stored_output_says_when_it_was_cut(mesh: list[AgentProcess]) -> None:
     s3 = by_name(mesh, "s3")
     # 600,000 bytes: more than the default --max-output of 256,000.
@@ -249,11 +244,6 @@ def test_stored_output_says_when_it_was_cut(mesh: list[AgentProcess]) -> None:
     assert "bytes cut" in done["output"].splitlines()[0], done["output"][:80]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a follower that falls behind the capped live buffer silently skips "
-    "the bytes dropped meanwhile: nothing in the stream says output is missing",
-)
 def test_following_a_fast_large_output_says_what_it_skipped(
     mesh: list[AgentProcess],
 ) -> None:
@@ -290,6 +280,47 @@ def test_following_a_fast_large_output_says_what_it_skipped(
     assert out.endswith("END\n"), out[-80:]
     # Either every byte arrived, or the stream says how many did not.
     assert len(out) > 3_000_000 or "bytes cut" in out, (len(out), out[:80])
+
+
+def test_the_cut_output_of_a_running_execution_says_so(
+    mesh: list[AgentProcess], tmp_path: Path
+) -> None:
+    s3 = by_name(mesh, "s3")
+    pid_file = tmp_path / "pid"
+    job = shell_job(
+        "big-running",
+        f"echo $$ > {pid_file}; head -c 600000 /dev/zero | tr '\\0' x; "
+        "echo; echo MID; exec sleep 40",
+        tags={"id": "w2"},
+        config={"shell": "true"},
+    )
+    assert s3.post_job(job).status_code == 201
+    run = s3.http.post("/v1/jobs/big-running/run")
+    assert run.status_code == 202, run.text
+    exec_id = run.headers["X-Execution-Id"]
+    path = f"/v1/jobs/big-running/executions/{exec_id}"
+    try:
+        # s3 asks w2, which runs it, for the output so far.
+        s3.wait_for(
+            "the output so far",
+            lambda: (
+                execution(s3, "big-running", exec_id)
+                .get("output", "")
+                .endswith("MID\n")
+            ),
+        )
+        for output in (
+            execution(s3, "big-running", exec_id)["output"],
+            s3.http.get(f"{path}/output").text,
+        ):
+            marker, kept = output.split("\n", 1)
+            assert marker.startswith("[... ") and marker.endswith(" bytes cut ...]")
+            cut = int(marker.split()[1])
+            assert cut + len(kept.encode()) == 600_000 + len("\nMID\n")
+            assert kept.endswith("x\nMID\n")
+    finally:
+        s3.http.post(f"{path}/kill")
+        kill_pid_in(pid_file)
 
 
 def test_each_successful_parent_group_triggers_its_dependent(

@@ -136,13 +136,14 @@ def test_output_buffer_keeps_everything_under_the_cap() -> None:
 
 
 def test_output_buffer_keeps_the_end_and_marks_the_cut_once() -> None:
-    buf = OutputBuffer(10)
+    buf = OutputBuffer(30)
     for _ in range(5):
         buf.write(b"0123456789"[:7])
     assert buf.total == 35
-    assert buf.getvalue() == b"[... 25 bytes cut ...]\n" + (b"0123456" * 2)[-10:]
+    # The 23-byte marker counts in the 30 bytes, and it gives the total cut.
+    assert buf.getvalue() == b"[... 28 bytes cut ...]\n" + b"0123456"
     buf.write(b"X" * 50)
-    assert buf.getvalue() == b"[... 75 bytes cut ...]\n" + b"X" * 10
+    assert buf.getvalue() == b"[... 78 bytes cut ...]\n" + b"X" * 7
 
 
 # --------------------------------------------------------------------------
@@ -384,8 +385,11 @@ def test_shell_output_cap_keeps_the_end() -> None:
     assert result.success
     assert result.output.startswith(b"[... ")
     assert result.output.endswith(b"\n19999\n20000\n")
-    kept = result.output.split(b"\n", 1)[1]
-    assert len(kept) == 1000
+    # The marker counts in the cap and covers every byte not kept.
+    marker, kept = result.output.split(b"\n", 1)
+    assert len(result.output) == 1000
+    total = len(b"".join(b"%d\n" % i for i in range(1, 20001)))
+    assert marker == b"[... %d bytes cut ...]" % (total - len(kept))
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from cronmesh import __version__
 from cronmesh.api.acl import TokenAuth
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.model import Job, unknown_job_fields
+from cronmesh.core.output import trim_text
 from cronmesh.errors import (
     ConflictError,
     CronmeshError,
@@ -488,10 +489,10 @@ def _execution_routes(app: FastAPI, agent: Agent) -> None:
             raise ValidationError("output_size_limit: expected a whole number") from exc
         body = [agent.execution_json(e) for e in agent.store.executions(job)]
         for item in body:
-            item["output_truncated"] = False
-            if limit > -1 and len(item["output"]) > limit:
-                item["output"] = item["output"][len(item["output"]) - limit :]
-                item["output_truncated"] = True
+            # Dkron counts the limit in bytes; ours also marks what it cut.
+            kept = trim_text(item["output"], limit) if limit > -1 else item["output"]
+            item["output_truncated"] = kept != item["output"]
+            item["output"] = kept
         sort = q.get("_sort", "started_at")
         sort = "started_at" if sort in ("id", "") else sort
         body = _sort(body, sort, q.get("_order", "DESC"))

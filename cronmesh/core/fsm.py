@@ -39,6 +39,7 @@ from cronmesh.core.model import (
     parse_time,
     to_ns,
 )
+from cronmesh.core.output import trim_text
 from cronmesh.errors import InvariantViolation
 from cronmesh.storage.state import StateStore, StateView, exec_key
 
@@ -351,9 +352,7 @@ class StateMachine:
                 if not view.has_job(name):
                     return _fail(400, f"execution of unknown job {name!r}")
                 before[name] = view.runtime(name)
-            encoded = execution.output.encode()
-            if len(encoded) > self.max_output:
-                execution.output = encoded[-self.max_output :].decode(errors="ignore")
+            execution.output = trim_text(execution.output, self.max_output)
             if view.get_execution_by_key(_exec_key(execution), with_output=False):
                 before[name]["count"] = before[name].get("count", 0) - 1  # replaced
             view.put_execution(execution)
@@ -541,9 +540,7 @@ class StateMachine:
             # Reported twice (a retry after a lost ack): count it once.
             return ApplyResult(value=stored, code=208)
         runtime = view.runtime(job.name)
-        encoded = execution.output.encode()
-        if len(encoded) > self.max_output:
-            execution.output = encoded[-self.max_output :].decode(errors="ignore")
+        execution.output = trim_text(execution.output, self.max_output)
         view.put_execution(execution)
         self._count(job, runtime, execution)
         self._trim(view, job.name, runtime)

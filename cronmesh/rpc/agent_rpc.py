@@ -22,6 +22,7 @@ import grpc
 
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult
+from cronmesh.core.output import OutputFollower
 from cronmesh.errors import CronmeshError
 from cronmesh.rpc import agent_pb2, agent_pb2_grpc, raft_pb2, raft_pb2_grpc
 from cronmesh.rpc.tls import RpcSecurity
@@ -113,19 +114,32 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def Output(
         self, request: agent_pb2.OutputRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.OutputChunk]:
-        offset = request.offset
+        # A follower slower than the output misses what the capped live
+        # buffer dropped meanwhile: it gets a cut marker in `data` instead,
+        # and `offset` keeps counting the job's bytes only.
+        follower = OutputFollower(request.offset)
         quiet = 0.0
         while True:
-            got = self._output(request.execution_id, offset)
+            got = self._output(request.execution_id, follower.offset)
             if got is None:
-                yield agent_pb2.OutputChunk(found=False, finished=True, offset=offset)
+                yield agent_pb2.OutputChunk(
+                    found=False, finished=True, offset=follower.offset
+                )
                 return
-            data, offset, finished = got
+            kept, end, finished = got
+            skipped = follower.skipped
+            data = follower.take(kept, end, last=finished or not request.follow)
+            if follower.skipped > skipped:
+                log.debug(
+                    "output follower skipped execution=%s bytes=%d",
+                    request.execution_id,
+                    follower.skipped - skipped,
+                )
             # An empty chunk now and then tells the follower this node lives.
             if data or finished or not request.follow or quiet >= KEEPALIVE:
                 quiet = 0.0
                 yield agent_pb2.OutputChunk(
-                    data=data, offset=offset, found=True, finished=finished
+                    data=data, offset=follower.offset, found=True, finished=finished
                 )
             if finished or not request.follow:
                 return

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from cronmesh.core.output import keep_end
 from cronmesh.errors import ValidationError
 
 __all__ = [
@@ -89,9 +90,9 @@ class OutputBuffer:
     """A sink that keeps only the last ``max_bytes`` bytes written to it.
 
     When output had to be dropped, ``getvalue()`` starts with one marker line
-    saying how many bytes were cut, followed by the kept tail. The marker is
-    not counted in ``max_bytes``. A lock makes ``write`` safe to call from a
-    thread as well as from the event loop.
+    saying how many bytes were cut, followed by the kept tail; the marker
+    counts in ``max_bytes`` (see ``cronmesh.core.output``). A lock makes
+    ``write`` safe to call from a thread as well as from the event loop.
     """
 
     def __init__(self, max_bytes: int = MAX_OUTPUT_BYTES) -> None:
@@ -139,12 +140,10 @@ class OutputBuffer:
             return bytes(self._buf[skip:]), self._total
 
     def getvalue(self) -> bytes:
-        """The kept output, led by a cut marker when bytes were dropped."""
+        """The kept output, at most ``max_bytes`` and led by a cut marker when
+        bytes were dropped."""
         with self._lock:
-            cut = self._total - len(self._buf)
-            if cut == 0:
-                return bytes(self._buf)
-            return f"[... {cut} bytes cut ...]\n".encode() + self._buf
+            return keep_end(bytes(self._buf), self.cut, self.max_bytes)
 
 
 class TeeSink:
