@@ -13,7 +13,7 @@ import pytest
 
 from cronmesh.core.admission import LoopLag, Window, WindowSettings
 from cronmesh.core.fsm import ApplyResult
-from cronmesh.core.model import Execution
+from cronmesh.core.model import Execution, Job
 from cronmesh.core.runner import MAX_REPORT_BATCH, REPORT_PIPELINE, Runner
 from cronmesh.core.scheduler import Scheduler
 from cronmesh.errors import UnavailableError
@@ -251,3 +251,36 @@ def test_reports_travel_in_few_batches_with_few_calls_in_flight(
     # One call per result would be 300; waiting behind two calls of 50 ms
     # makes the batches grow.
     assert len(commit_log.calls) < count // 5
+
+
+@pytest.mark.parametrize("limit", [1000, 400_000])
+def test_the_runner_keeps_max_output_whatever_the_executors_default(
+    limit: int,
+) -> None:
+    commit_log = SlowLog(0.0)
+    runner = Runner("n", commit_log, max_output=limit)  # type: ignore[arg-type]
+    job = Job.from_json(
+        {
+            "name": "big",
+            "executor": "shell",
+            "executor_config": {
+                "command": "head -c 300000 /dev/zero | tr -c x x; echo; echo END",
+                "shell": "true",
+            },
+        }
+    )
+    execution = finished(1)
+    execution.finished_at = None
+
+    async def main() -> str:
+        runner.start(job, execution)
+        while runner.unreported or execution.finished_at is None:
+            await asyncio.sleep(0.02)
+        return execution.output
+
+    output = asyncio.run(main())
+    assert output.endswith("END\n")
+    if limit > 300_000:
+        assert output == "x" * 300_000 + "\nEND\n"  # nothing cut
+    else:
+        assert len(output.encode()) <= limit and "bytes cut" in output

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cronmesh.core.commitlog import CommandLog
-from cronmesh.core.executors import OutputBuffer, get_executor
+from cronmesh.core.executors import Executor, OutputBuffer, get_executor
 from cronmesh.core.fsm import encode_command
 from cronmesh.core.model import Execution, Job, format_time
 from cronmesh.errors import CronmeshError
@@ -82,6 +82,7 @@ class Runner:
         self._batch: list[tuple[Execution, asyncio.Future[None]]] = []
         self._batch_scheduled = False
         self._delivering = 0  # report batches on their way (REPORT_PIPELINE)
+        self._executors: dict[str, Executor] = {}
         self.on_finished: list[Any] = []
 
     async def accept(self, job: Job, execution: Execution) -> bool:
@@ -134,10 +135,22 @@ class Runner:
         live.cancel.set()
         return True
 
+    def _executor(self, name: str) -> Executor:
+        """The executor `name`, keeping this runner's `max_output` (the shared
+        instances keep 256,000 bytes whatever --max-output says)."""
+        executor = self._executors.get(name)
+        if executor is None:
+            executor = get_executor(name)
+            limit = getattr(executor, "max_output", self.max_output)
+            if limit != self.max_output:
+                executor = type(executor)(max_output=self.max_output)  # type: ignore[call-arg]
+            self._executors[name] = executor
+        return executor
+
     async def _run(self, live: LiveExecution) -> None:
         execution, job = live.execution, live.job
         try:
-            executor = get_executor(job.executor)
+            executor = self._executor(job.executor)
             result = await executor.run(
                 job.executor_config,
                 live.buffer,
