@@ -630,8 +630,12 @@ class ShellExecutor:
         execution_id: str,
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> ExecResult:
         """Run the command once and return how it went.
+
+        ``on_start(pid)`` is called right after the job's first process
+        started; its pid is also its process group's id. It must not raise.
 
         Output is streamed to ``sink`` as it arrives. Failures of the job
         (bad config, missing program, non-zero exit, timeout, kill, memory)
@@ -671,6 +675,8 @@ class ShellExecutor:
         except OSError as exc:
             reason = _start_error(exc, cfg)
             return _fail(out, f"cannot start: {reason}", reason)
+        if on_start is not None:
+            on_start(transport.get_pid())
         return await self._supervise(cfg, transport, protocol, cancel)
 
     async def _supervise(

@@ -1,0 +1,277 @@
+"""Finding and stopping a job's processes that outlived their agent.
+
+A shell job runs as the leader of its own session and process group (see
+the shell executor), so a ``kill -9`` of the agent leaves the whole group
+running, re-parented to init. When the agent starts again, its outbox still
+holds the execution as running; before it reports the run interrupted, the
+runner stops what is left of the group, so a ``forbid`` job never has an
+old run going on beside a new one.
+
+Stopping the wrong processes is worse than leaving an orphan, so a group is
+only signalled when it is proven to be that run's:
+
+- When the run starts, the runner records its pid (= process group id), the
+  process's start time (field 22 of ``/proc/PID/stat``, clock ticks since
+  boot) and the boot id (``ProcessMark``). A pid that was recycled belongs
+  to a process started later, so its start time differs; a reboot changes
+  the boot id.
+- If the leader is alive, its start time (and boot id) must match the
+  mark; if its environment is readable, ``CRONMESH_EXECUTION_ID`` there
+  must not name another execution.
+- If the leader is gone but other members of the group live (``(sleep
+  100 &)``), their start times cannot tell our group from a new one that
+  reuses the id, so at least one member's environment must name this
+  execution.
+- A run whose mark never reached the outbox (the agent died within an
+  event-loop turn of the spawn) is found by its environment alone: every
+  process whose ``CRONMESH_EXECUTION_ID`` names it.
+
+Stopping: SIGTERM to each group, then SIGKILL to whatever still runs after
+a short grace. All groups share one grace, so a hundred orphans cost one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ORPHAN_GRACE",
+    "Orphan",
+    "ProcessMark",
+    "find_orphan",
+    "mark_process",
+    "stop_orphans",
+]
+
+log = logging.getLogger("cronmesh.orphans")
+
+# Seconds an orphaned group gets between SIGTERM and SIGKILL.
+ORPHAN_GRACE = 2.0
+# Seconds between checks whether the signalled groups are gone.
+_POLL = 0.05
+_ENV_KEY = b"CRONMESH_EXECUTION_ID="
+_PROC = "/proc"
+
+
+@dataclass(frozen=True)
+class ProcessMark:
+    """Who a run's first process is, recorded when it starts."""
+
+    # The leader's pid, which is also its process group's id.
+    pid: int
+    # Field 22 of /proc/PID/stat: clock ticks after boot when it started.
+    start_ticks: int
+    # /proc/sys/kernel/random/boot_id at the time ("" if unreadable).
+    boot_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "start": self.start_ticks, "boot": self.boot_id}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ProcessMark:
+        """Raises KeyError, TypeError or ValueError for a malformed record."""
+        return cls(int(doc["pid"]), int(doc["start"]), str(doc["boot"]))
+
+
+@dataclass
+class Orphan:
+    """A process group proven to belong to an interrupted execution."""
+
+    execution_id: str
+    pgid: int
+    # The group's live members when it was found, for the log.
+    pids: list[int]
+
+
+@dataclass(frozen=True)
+class _Stat:
+    state: str
+    pgrp: int
+    start_ticks: int
+
+
+_boot_id: str | None = None
+
+
+def boot_id() -> str:
+    """This boot's id; "" where /proc does not have it. Read once."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open(f"{_PROC}/sys/kernel/random/boot_id") as f:
+                _boot_id = f.read().strip()
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
+def _stat(pid: int) -> _Stat | None:
+    """State, process group and start time of `pid`; None if it is gone."""
+    try:
+        with open(f"{_PROC}/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: fields
+    # after its last ")" start at field 3 (state); 5 is pgrp, 22 starttime.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return _Stat(fields[0].decode(), int(fields[2]), int(fields[19]))
+    except (IndexError, ValueError):
+        return None
+
+
+def _execution_id_of(pid: int) -> str | None:
+    """``CRONMESH_EXECUTION_ID`` in `pid`'s environment; None when it is
+    unreadable (another user, gone) or not there."""
+    try:
+        with open(f"{_PROC}/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    for item in raw.split(b"\0"):
+        if item.startswith(_ENV_KEY):
+            return item[len(_ENV_KEY) :].decode(errors="replace")
+    return None
+
+
+def _processes() -> Iterator[tuple[int, _Stat]]:
+    """Every process still running (zombies left out), with its stat."""
+    for entry in os.scandir(_PROC):
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat is not None and stat.state not in ("Z", "X"):
+                yield int(entry.name), stat
+
+
+def _members(pgid: int) -> list[int]:
+    """Running (not zombie) processes of group `pgid`.
+
+    Limitation: scans all of /proc (about 1 ms per 100 processes); used
+    only at start-up, for interrupted executions.
+    """
+    return [pid for pid, stat in _processes() if stat.pgrp == pgid]
+
+
+def mark_process(pid: int) -> ProcessMark | None:
+    """The mark of a process we just started; None if /proc cannot say."""
+    stat = _stat(pid)
+    return None if stat is None else ProcessMark(pid, stat.start_ticks, boot_id())
+
+
+def find_orphan(execution_id: str, mark: ProcessMark | None) -> Orphan | None:
+    """The process group still running for `execution_id`, if proven ours.
+
+    With no mark, looks for processes whose environment names the
+    execution (see the module docstring for the rules).
+    """
+    if mark is None:
+        return _find_by_environment(execution_id)
+    if mark.boot_id != boot_id():
+        return None  # the machine rebooted: nothing of that run survived
+    members = _members(mark.pid)
+    if not members:
+        return None
+    # A leader waiting to be reaped (a zombie) still holds its pid and start
+    # time, so it proves the group as well as a running one.
+    leader = _stat(mark.pid)
+    if leader is not None:
+        named = _execution_id_of(mark.pid)
+        if leader.start_ticks != mark.start_ticks or leader.pgrp != mark.pid:
+            log.info(
+                "not stopping pid=%d of execution=%s: it is another process now "
+                "(started at tick %d, recorded %d)",
+                mark.pid,
+                execution_id,
+                leader.start_ticks,
+                mark.start_ticks,
+            )
+            return None
+        if named is not None and named != execution_id:
+            log.info(
+                "not stopping pid=%d of execution=%s: its environment names "
+                "execution=%s",
+                mark.pid,
+                execution_id,
+                named,
+            )
+            return None
+        return Orphan(execution_id, mark.pid, members)
+    # The leader exited; members remain. Only their environment can prove
+    # the group was not recycled since.
+    if any(_execution_id_of(pid) == execution_id for pid in members):
+        return Orphan(execution_id, mark.pid, members)
+    log.info(
+        "not stopping process group pgid=%d of execution=%s: its leader is "
+        "gone and no member's environment names the execution",
+        mark.pid,
+        execution_id,
+    )
+    return None
+
+
+def _find_by_environment(execution_id: str) -> Orphan | None:
+    # A job's processes may sit in more than one group (a member that ran
+    # setsid); this returns the first group found, the usual one.
+    # Limitation: processes of such a run in a second group survive.
+    for pid, stat in _processes():
+        if _execution_id_of(pid) == execution_id:
+            return Orphan(execution_id, stat.pgrp, _members(stat.pgrp))
+    return None
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> bool:
+    """Signal group `pgid`; False when it is gone or not ours to signal."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("not allowed to signal process group pgid=%d", pgid)
+        return False
+    return True
+
+
+async def stop_orphans(
+    orphans: list[Orphan], grace: float = ORPHAN_GRACE
+) -> dict[str, str]:
+    """SIGTERM every orphan's group, SIGKILL what still runs after `grace`.
+
+    Returns, per execution id, how its group was stopped (for the run's
+    output), e.g. "SIGTERM" or "SIGKILL after 2s".
+    """
+    how: dict[str, str] = {}
+    for orphan in orphans:
+        if _signal_group(orphan.pgid, signal.SIGTERM):
+            how[orphan.execution_id] = "SIGTERM"
+            log.info(
+                "stopping orphaned process group of an interrupted execution "
+                "execution=%s pgid=%d pids=%s signal=SIGTERM",
+                orphan.execution_id,
+                orphan.pgid,
+                orphan.pids,
+            )
+    waiting = [o for o in orphans if o.execution_id in how]
+    deadline = time.monotonic() + grace
+    while waiting and time.monotonic() < deadline:
+        await asyncio.sleep(_POLL)
+        alive = {stat.pgrp for _, stat in _processes()}
+        waiting = [o for o in waiting if o.pgid in alive]
+    for orphan in waiting:
+        if _signal_group(orphan.pgid, signal.SIGKILL):
+            how[orphan.execution_id] = f"SIGKILL after {grace:g}s"
+            log.info(
+                "orphaned process group outlived SIGTERM execution=%s pgid=%d "
+                "pids=%s signal=SIGKILL",
+                orphan.execution_id,
+                orphan.pgid,
+                _members(orphan.pgid),
+            )
+    return how
