@@ -49,11 +49,11 @@ def start_orphan_job(node: AgentProcess, tmp_path: Path) -> tuple[str, int, int]
     node.post_job(shell_job("orphan", command, config={"shell": "true"}))
     response = node.http.post("/v1/jobs/orphan/run")
     assert response.status_code == 202, response.text
-    return (
-        response.headers["X-Execution-Id"],
-        wait_file(leader, node),
-        wait_file(child, node),
-    )
+    exec_id = response.headers["X-Execution-Id"]
+    pids = wait_file(leader, node), wait_file(child, node)
+    # The agent writes a run's mark up to half a second after the start.
+    node.wait_for("the run's mark", lambda: exec_id in outbox_marks(node.data_dir))
+    return exec_id, *pids
 
 
 def finished_run(node: AgentProcess, exec_id: str) -> dict[str, Any]:
@@ -76,12 +76,16 @@ def outbox_marks(data_dir: Path) -> dict[str, dict[str, Any]]:
         env.close()
 
 
-def rewrite_mark(data_dir: Path, exec_id: str, mark: dict[str, Any]) -> None:
+def rewrite_mark(data_dir: Path, exec_id: str, mark: dict[str, Any] | None) -> None:
+    """Replace (or with None, delete) the run's mark in a dead agent's outbox."""
     env = lmdb.open(str(data_dir / "outbox"), max_dbs=4, subdir=True)
     try:
         db = env.open_db(b"procs", create=False)
         with env.begin(write=True) as txn:
-            txn.put(exec_id.encode(), json.dumps(mark).encode(), db=db)
+            if mark is None:
+                assert txn.delete(exec_id.encode(), db=db)
+            else:
+                txn.put(exec_id.encode(), json.dumps(mark).encode(), db=db)
     finally:
         env.close()
 
@@ -96,13 +100,17 @@ def spare_pids() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
 def test_restart_stops_the_process_group_of_an_interrupted_run(
-    agent: AgentProcess, tmp_path: Path, spare_pids: list[int]
+    agent: AgentProcess, tmp_path: Path, spare_pids: list[int], marked: bool
 ) -> None:
     exec_id, leader, child = start_orphan_job(agent, tmp_path)
     spare_pids += [leader, child]
     agent.kill9()
     assert running(leader) and running(child), "the job was expected to outlive"
+    if not marked:
+        # As if the agent died before it wrote the mark: found by environment.
+        rewrite_mark(agent.data_dir, exec_id, None)
     agent.start()
     run = finished_run(agent, exec_id)
     assert not running(leader) and not running(child)

@@ -47,6 +47,7 @@ __all__ = [
     "ProcessMark",
     "find_orphan",
     "mark_process",
+    "process_start_ticks",
     "stop_orphans",
 ]
 
@@ -114,11 +115,17 @@ def boot_id() -> str:
 
 def _stat(pid: int) -> _Stat | None:
     """State, process group and start time of `pid`; None if it is gone."""
+    # os.open/os.read: half the cost of open(), and this runs per spawn.
     try:
-        with open(f"{_PROC}/{pid}/stat", "rb") as f:
-            raw = f.read()
+        fd = os.open(f"{_PROC}/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # The command name (field 2) may hold spaces and parentheses: fields
     # after its last ")" start at field 3 (state); 5 is pgrp, 22 starttime.
     fields = raw[raw.rfind(b")") + 2 :].split()
@@ -160,10 +167,19 @@ def _members(pgid: int) -> list[int]:
     return [pid for pid, stat in _processes() if stat.pgrp == pgid]
 
 
-def mark_process(pid: int) -> ProcessMark | None:
-    """The mark of a process we just started; None if /proc cannot say."""
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks after boot; None if /proc cannot
+    say. Call it only while the pid cannot have been reaped."""
     stat = _stat(pid)
-    return None if stat is None else ProcessMark(pid, stat.start_ticks, boot_id())
+    return None if stat is None else stat.start_ticks
+
+
+def mark_process(pid: int, start_ticks: int | None = None) -> ProcessMark | None:
+    """The mark of a process we started (not reaped yet); `start_ticks` if
+    already read, else read now. None if /proc cannot say."""
+    if start_ticks is None:
+        start_ticks = process_start_ticks(pid)
+    return None if start_ticks is None else ProcessMark(pid, start_ticks, boot_id())
 
 
 def find_orphan(execution_id: str, mark: ProcessMark | None) -> Orphan | None:

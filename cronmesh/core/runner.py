@@ -168,7 +168,9 @@ class Runner:
                 job_name=job.name,
                 execution_id=execution.id,
                 cancel=live.cancel,
-                on_start=lambda pid: self._note_process(execution.id, pid),
+                on_start=lambda pid, ticks: self._note_process(
+                    execution.id, pid, ticks
+                ),
             )
             success = result.success
             output = result.output.decode(errors="replace")
@@ -202,12 +204,12 @@ class Runner:
             # Followers of the output get a last read before the entry goes.
             self._later_drop(execution.id)
 
-    def _note_process(self, exec_id: str, pid: int) -> None:
+    def _note_process(self, exec_id: str, pid: int, start_ticks: int | None) -> None:
         """Keep who the run's first process is, for a restart after a crash
         (no fsync: it must survive the agent, not the machine)."""
         if self.outbox is None:
             return
-        mark = mark_process(pid)
+        mark = mark_process(pid, start_ticks)
         if mark is not None:
             self.outbox.note_process(exec_id, mark.to_json())
 

@@ -41,6 +41,8 @@ log = logging.getLogger("cronmesh.outbox")
 
 TABLE = "outbox"
 PROCS_TABLE = "procs"
+# Seconds a run's process mark waits before it is written (see note_process).
+MARK_DELAY = 0.5
 
 # A queued write: table, key, value (None deletes), fsync wanted, who waits.
 _Write = tuple[Any, bytes, bytes | None, bool, asyncio.Future[None]]
@@ -85,6 +87,9 @@ class Outbox:
         self._db = self.env.open_db(TABLE.encode(), create=True)
         self._procs = self.env.open_db(PROCS_TABLE.encode(), create=True)
         self._pending: list[_Write] = []
+        # Process marks waiting for the next `_write_marks`, by execution.
+        self._marks: dict[str, bytes] = {}
+        self._marks_scheduled = False
         self._flush_scheduled = False
 
     def close(self) -> None:
@@ -96,16 +101,40 @@ class Outbox:
         )
 
     def note_process(self, exec_id: str, process: dict[str, Any]) -> None:
-        """Keep who a running execution's first process is (no fsync, and
-        the caller does not wait: it shares the next turn's transaction)."""
+        """Keep who a running execution's first process is.
+
+        The caller does not wait, and nothing is written at once: marks are
+        written together every MARK_DELAY seconds (no fsync), and the mark
+        of a run that ended before then is never written. Most runs are
+        short, so most spawns cost no write; a crash within that delay
+        leaves a run without a mark, which recovery then finds by its
+        processes' environment instead (core/orphans.py).
+        """
+        self._marks[exec_id] = json.dumps(process, separators=(",", ":")).encode()
+        if not self._marks_scheduled:
+            self._marks_scheduled = True
+            asyncio.get_running_loop().call_later(MARK_DELAY, self._write_marks)
+
+    def _write_marks(self) -> None:
+        self._marks_scheduled = False
         loop = asyncio.get_running_loop()
-        raw = json.dumps(process, separators=(",", ":")).encode()
-        future = self._queue(loop, self._procs, exec_id, raw, durable=False)
-        future.add_done_callback(_log_failure)
+        marks, self._marks = self._marks, {}
+        for exec_id, raw in marks.items():
+            future = self._queue(loop, self._procs, exec_id, raw, durable=False)
+            future.add_done_callback(_log_failure)
+
+    def forget_process(self, exec_id: str) -> None:
+        """Drop a run's process mark: not written yet, or in the next
+        transaction (the caller does not wait)."""
+        if self._marks.pop(exec_id, None) is None:
+            loop = asyncio.get_running_loop()
+            forget = self._queue(loop, self._procs, exec_id, None, durable=False)
+            forget.add_done_callback(_log_failure)
 
     async def put_done(self, execution: Execution) -> None:
-        """Record the result durably (fsync) before it is reported."""
-        self._queue_forget(exec_id=execution.id)
+        """Record the result durably (fsync) before it is reported; the
+        run's process mark, if any, goes in the same transaction."""
+        self.forget_process(execution.id)
         await self._write(
             execution.id, {"done": True, "execution": execution.to_json()}, durable=True
         )
@@ -113,13 +142,7 @@ class Outbox:
     async def remove(self, exec_id: str) -> None:
         # A removal lost to a power cut only makes the result be reported
         # again, which the state machine answers as a duplicate.
-        self._queue_forget(exec_id=exec_id)
         await self._write(exec_id, None, durable=False)
-
-    def _queue_forget(self, *, exec_id: str) -> None:
-        loop = asyncio.get_running_loop()
-        future = self._queue(loop, self._procs, exec_id, None, durable=False)
-        future.add_done_callback(_log_failure)
 
     def records(self) -> list[OutboxRecord]:
         found = []
