@@ -21,6 +21,7 @@ from conftest import AgentProcess, shell_job
 from cronmesh.core.orphans import (
     Orphan,
     ProcessMark,
+    ProcessMarker,
     find_orphan,
     mark_process,
     stop_orphans,
@@ -235,3 +236,32 @@ def test_mark_process_of_a_gone_pid_is_none() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert mark_process(proc.pid) is None
+
+
+def test_process_marker_marks_only_runs_that_last() -> None:
+    lasting = spawn_group("e6", "sleep 60")
+    ended = spawn_group("e7", "sleep 60")
+    reaped = spawn_group("e8", "sleep 60")
+    written: dict[str, ProcessMark] = {}
+
+    async def scenario() -> None:
+        marker = ProcessMarker(lambda i, m: written.__setitem__(i, m), delay=0.05)
+        marker.note("e6", lasting.pid, lambda: False)
+        marker.note("e7", ended.pid, lambda: False)
+        marker.note("e8", reaped.pid, lambda: True)
+        marker.drop("e7")  # the run ended before its mark was due
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if "e6" in written:
+                break
+        await asyncio.sleep(0.1)  # room for a wrong write of e7 or e8
+        marker.close()
+
+    try:
+        asyncio.run(scenario())
+        assert set(written) == {"e6"}
+        assert written["e6"] == mark_process(lasting.pid)
+    finally:
+        for proc in (lasting, ended, reaped):
+            proc.kill()
+            proc.wait()

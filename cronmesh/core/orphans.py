@@ -10,11 +10,12 @@ old run going on beside a new one.
 Stopping the wrong processes is worse than leaving an orphan, so a group is
 only signalled when it is proven to be that run's:
 
-- When the run starts, the runner records its pid (= process group id), the
-  process's start time (field 22 of ``/proc/PID/stat``, clock ticks since
-  boot) and the boot id (``ProcessMark``). A pid that was recycled belongs
-  to a process started later, so its start time differs; a reboot changes
-  the boot id.
+- A run that lasts gets a mark in the outbox: its pid (= process group
+  id), the process's start time (field 22 of ``/proc/PID/stat``, clock
+  ticks since boot) and the boot id (``ProcessMark``, taken by
+  ``ProcessMarker`` half a second after the start). A pid that was recycled
+  belongs to a process started later, so its start time differs; a reboot
+  changes the boot id.
 - If the leader is alive, its start time (and boot id) must match the
   mark; if its environment is readable, ``CRONMESH_EXECUTION_ID`` there
   must not name another execution.
@@ -22,9 +23,9 @@ only signalled when it is proven to be that run's:
   100 &)``), their start times cannot tell our group from a new one that
   reuses the id, so at least one member's environment must name this
   execution.
-- A run whose mark never reached the outbox (the agent died within an
-  event-loop turn of the spawn) is found by its environment alone: every
-  process whose ``CRONMESH_EXECUTION_ID`` names it.
+- A run without a mark (the agent died within half a second of the
+  start) is found by its environment alone: the processes whose
+  ``CRONMESH_EXECUTION_ID`` names it.
 
 Stopping: SIGTERM to each group, then SIGKILL to whatever still runs after
 a short grace. All groups share one grace, so a hundred orphans cost one.
@@ -37,14 +38,16 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "MARK_DELAY",
     "ORPHAN_GRACE",
     "Orphan",
     "ProcessMark",
+    "ProcessMarker",
     "find_orphan",
     "mark_process",
     "process_start_ticks",
@@ -55,6 +58,8 @@ log = logging.getLogger("cronmesh.orphans")
 
 # Seconds an orphaned group gets between SIGTERM and SIGKILL.
 ORPHAN_GRACE = 2.0
+# Seconds after a run's start before its mark is taken (see ProcessMarker).
+MARK_DELAY = 0.5
 # Seconds between checks whether the signalled groups are gone.
 _POLL = 0.05
 _ENV_KEY = b"CRONMESH_EXECUTION_ID="
@@ -180,6 +185,71 @@ def mark_process(pid: int, start_ticks: int | None = None) -> ProcessMark | None
     if start_ticks is None:
         start_ticks = process_start_ticks(pid)
     return None if start_ticks is None else ProcessMark(pid, start_ticks, boot_id())
+
+
+class ProcessMarker:
+    """Takes the marks of runs that last, away from the spawn path.
+
+    A run's first process is noted when it starts (a dict insert). Every
+    MARK_DELAY seconds, a worker thread reads the start times of the noted
+    runs that are still going, and `write` gets their marks. Most cron runs
+    end sooner and cost nothing more. Reading /proc at the spawn instead
+    was measured to slow spawning: each of its system calls gives up the
+    GIL and waits to get it back, on the event loop or in a spawn thread.
+
+    A start time read while the process had not been reaped is its own:
+    `reaped()` is checked after the read, and reaping is for good.
+    """
+
+    def __init__(
+        self, write: Callable[[str, ProcessMark], None], delay: float = MARK_DELAY
+    ) -> None:
+        self.write = write
+        self.delay = delay
+        # Runs waiting for their mark: execution id -> (pid, reaped).
+        self._noted: dict[str, tuple[int, Callable[[], bool]]] = {}
+        self._reading: dict[str, tuple[int, Callable[[], bool]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def note(self, exec_id: str, pid: int, reaped: Callable[[], bool]) -> None:
+        """A run's first process started (call on the event loop)."""
+        self._noted[exec_id] = (pid, reaped)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._take_marks())
+
+    def drop(self, exec_id: str) -> None:
+        """The run ended: it wants no mark (a written one goes with its
+        outbox record)."""
+        self._noted.pop(exec_id, None)
+        self._reading.pop(exec_id, None)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _take_marks(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._noted:
+                await asyncio.sleep(self.delay)
+                self._reading, self._noted = self._noted, {}
+                pids = [pid for pid, _ in self._reading.values()]
+                ticks = await loop.run_in_executor(None, _start_ticks_of, pids)
+                # Runs that ended meanwhile were dropped from _reading.
+                for (exec_id, (pid, reaped)), start in zip(
+                    list(self._reading.items()), ticks, strict=True
+                ):
+                    if exec_id in self._reading and start is not None and not reaped():
+                        self.write(exec_id, ProcessMark(pid, start, boot_id()))
+                self._reading = {}
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+
+def _start_ticks_of(pids: list[int]) -> list[int | None]:
+    return [process_start_ticks(pid) for pid in pids]
 
 
 def find_orphan(execution_id: str, mark: ProcessMark | None) -> Orphan | None:

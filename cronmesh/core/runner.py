@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,8 +33,8 @@ from cronmesh.core.orphans import (
     ORPHAN_GRACE,
     Orphan,
     ProcessMark,
+    ProcessMarker,
     find_orphan,
-    mark_process,
     stop_orphans,
 )
 from cronmesh.errors import CronmeshError
@@ -89,6 +90,7 @@ class Runner:
         self.retry_delay = 0.5
         # Seconds between SIGTERM and SIGKILL for orphans found at restart.
         self.orphan_grace = ORPHAN_GRACE
+        self.marker = None if outbox is None else ProcessMarker(self._write_mark)
         self._reports: set[asyncio.Task[None]] = set()
         self._batch: list[tuple[Execution, asyncio.Future[None]]] = []
         self._batch_scheduled = False
@@ -168,8 +170,8 @@ class Runner:
                 job_name=job.name,
                 execution_id=execution.id,
                 cancel=live.cancel,
-                on_start=lambda pid, ticks: self._note_process(
-                    execution.id, pid, ticks
+                on_start=lambda pid, reaped: self._note_process(
+                    execution.id, pid, reaped
                 ),
             )
             success = result.success
@@ -198,19 +200,23 @@ class Runner:
         execution.success = success
         execution.output = output
         live.finished = True
+        if self.marker is not None:
+            self.marker.drop(execution.id)
         try:
             await self.finish(execution)
         finally:
             # Followers of the output get a last read before the entry goes.
             self._later_drop(execution.id)
 
-    def _note_process(self, exec_id: str, pid: int, start_ticks: int | None) -> None:
-        """Keep who the run's first process is, for a restart after a crash
-        (no fsync: it must survive the agent, not the machine)."""
-        if self.outbox is None:
-            return
-        mark = mark_process(pid, start_ticks)
-        if mark is not None:
+    def _note_process(self, exec_id: str, pid: int, reaped: Callable[[], bool]) -> None:
+        """The run's first process started: if the run lasts, the marker
+        keeps who it is in the outbox, for a restart after a crash."""
+        if self.marker is not None:
+            self.marker.note(exec_id, pid, reaped)
+
+    def _write_mark(self, exec_id: str, mark: ProcessMark) -> None:
+        # No fsync: the mark must survive the agent, not the machine.
+        if self.outbox is not None:
             self.outbox.note_process(exec_id, mark.to_json())
 
     def _later_drop(self, exec_id: str) -> None:
@@ -406,6 +412,8 @@ class Runner:
                 await asyncio.wait_for(
                     asyncio.gather(*tasks, return_exceptions=True), 5
                 )
+        if self.marker is not None:
+            self.marker.close()
         # Give reports in flight a moment; what is left goes next start.
         if self._reports:
             await asyncio.wait(list(self._reports), timeout=2.0)

@@ -41,8 +41,6 @@ log = logging.getLogger("cronmesh.outbox")
 
 TABLE = "outbox"
 PROCS_TABLE = "procs"
-# Seconds a run's process mark waits before it is written (see note_process).
-MARK_DELAY = 0.5
 
 # A queued write: table, key, value (None deletes), fsync wanted, who waits.
 _Write = tuple[Any, bytes, bytes | None, bool, asyncio.Future[None]]
@@ -87,9 +85,6 @@ class Outbox:
         self._db = self.env.open_db(TABLE.encode(), create=True)
         self._procs = self.env.open_db(PROCS_TABLE.encode(), create=True)
         self._pending: list[_Write] = []
-        # Process marks waiting for the next `_write_marks`, by execution.
-        self._marks: dict[str, bytes] = {}
-        self._marks_scheduled = False
         self._flush_scheduled = False
 
     def close(self) -> None:
@@ -101,40 +96,19 @@ class Outbox:
         )
 
     def note_process(self, exec_id: str, process: dict[str, Any]) -> None:
-        """Keep who a running execution's first process is.
-
-        The caller does not wait, and nothing is written at once: marks are
-        written together every MARK_DELAY seconds (no fsync), and the mark
-        of a run that ended before then is never written. Most runs are
-        short, so most spawns cost no write; a crash within that delay
-        leaves a run without a mark, which recovery then finds by its
-        processes' environment instead (core/orphans.py).
-        """
-        self._marks[exec_id] = json.dumps(process, separators=(",", ":")).encode()
-        if not self._marks_scheduled:
-            self._marks_scheduled = True
-            asyncio.get_running_loop().call_later(MARK_DELAY, self._write_marks)
-
-    def _write_marks(self) -> None:
-        self._marks_scheduled = False
+        """Keep who a running execution's first process is (no fsync; the
+        caller does not wait: it joins this turn's transaction)."""
         loop = asyncio.get_running_loop()
-        marks, self._marks = self._marks, {}
-        for exec_id, raw in marks.items():
-            future = self._queue(loop, self._procs, exec_id, raw, durable=False)
-            future.add_done_callback(_log_failure)
-
-    def forget_process(self, exec_id: str) -> None:
-        """Drop a run's process mark: not written yet, or in the next
-        transaction (the caller does not wait)."""
-        if self._marks.pop(exec_id, None) is None:
-            loop = asyncio.get_running_loop()
-            forget = self._queue(loop, self._procs, exec_id, None, durable=False)
-            forget.add_done_callback(_log_failure)
+        raw = json.dumps(process, separators=(",", ":")).encode()
+        future = self._queue(loop, self._procs, exec_id, raw, durable=False)
+        future.add_done_callback(_log_failure)
 
     async def put_done(self, execution: Execution) -> None:
         """Record the result durably (fsync) before it is reported; the
-        run's process mark, if any, goes in the same transaction."""
-        self.forget_process(execution.id)
+        run's process record, if any, goes in the same transaction."""
+        loop = asyncio.get_running_loop()
+        forget = self._queue(loop, self._procs, execution.id, None, durable=False)
+        forget.add_done_callback(_log_failure)
         await self._write(
             execution.id, {"done": True, "execution": execution.to_json()}, durable=True
         )

@@ -6,17 +6,19 @@ preexec_fn way), `--parallel` runs in flight at once, for `--seconds`, and
 counts runs finished per second. The ways take turns for `--rounds` rounds
 so that a change in the machine's load hits them all alike; the figure per
 way is its median over the rounds, and each is also given relative to
-`before` (the start path as it was before processes were recorded).
+`executor` (the start path as it was before processes were marked).
 
-  before      ShellExecutor.run as it was before runs were recorded: no
-              on_start callback, and the spawn thread does not read the
-              new process's start time (patched out for this way only)
-  executor    ShellExecutor.run, no on_start callback
-  mark        the same, plus what the runner now does for a run: read
-              /proc/PID/stat (in the spawn thread), keep the mark for a
-              real outbox (LMDB, no fsync, in a temporary directory), and
-              drop it when the run ends (these runs end within the
-              outbox's half-second delay, so no mark is ever written)
+  executor    ShellExecutor.run, no on_start callback (as before runs
+              were marked)
+  mark        the same, plus what the runner does for a run: note its
+              process in a ProcessMarker writing to a real outbox (LMDB,
+              no fsync, in a temporary directory) and drop it when the run
+              ends (these runs end within the marker's half second, so no
+              /proc read and no write happens: the common case)
+  mark-all    as mark, but with a marker delay of 0 s and no drop, so
+              every run's start time is read in the marker's thread (and
+              a mark written for the runs not reaped by then): an upper
+              bound for runs that last
   pdeathsig   asyncio's subprocess_exec with a preexec_fn that sets
               PR_SET_PDEATHSIG (the fork path a preexec_fn forces)
   setpriv     ShellExecutor.run of `setpriv --pdeathsig KILL /bin/true`
@@ -41,20 +43,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from cronmesh.core.executors import shell
 from cronmesh.core.executors.base import OutputBuffer
 from cronmesh.core.executors.shell import ShellExecutor, install_pidfd_child_watcher
-from cronmesh.core.orphans import mark_process, process_start_ticks
+from cronmesh.core.orphans import ProcessMark, ProcessMarker
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.outbox import Outbox
 
 PR_SET_PDEATHSIG = 1
 
 RunOne = Callable[[int], Awaitable[None]]
-
-
-def _no_start_ticks(pid: int) -> int | None:
-    return None
 
 
 async def rate(run_one: RunOne, seconds: float, parallel: int) -> float:
@@ -86,22 +83,24 @@ def make_ways(outbox: Outbox) -> dict[str, RunOne]:
         )
         assert result.success, result.output
 
-    def note(exec_id: str, pid: int, start_ticks: int | None) -> None:
-        mark = mark_process(pid, start_ticks)
-        if mark is not None:
-            outbox.note_process(exec_id, mark.to_json())
+    def write(exec_id: str, mark: ProcessMark) -> None:
+        outbox.note_process(exec_id, mark.to_json())
 
-    async def marked(n: int) -> None:
-        exec_id = str(n)
-        result = await executor.run(
-            true,
-            OutputBuffer(),
-            job_name="bench",
-            execution_id=exec_id,
-            on_start=lambda pid, ticks: note(exec_id, pid, ticks),
-        )
-        assert result.success, result.output
-        outbox.forget_process(exec_id)  # what put_done does when a run ends
+    def with_marker(marker: ProcessMarker, drop: bool) -> RunOne:
+        async def marked(n: int) -> None:
+            exec_id = str(n)
+            result = await executor.run(
+                true,
+                OutputBuffer(),
+                job_name="bench",
+                execution_id=exec_id,
+                on_start=lambda pid, reaped: marker.note(exec_id, pid, reaped),
+            )
+            assert result.success, result.output
+            if drop:
+                marker.drop(exec_id)  # what the runner does when a run ends
+
+        return marked
 
     def set_pdeathsig() -> None:
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -119,9 +118,9 @@ def make_ways(outbox: Outbox) -> dict[str, RunOne]:
         assert proc.returncode == 0
 
     ways: dict[str, RunOne] = {
-        "before": plain,
         "executor": plain,
-        "mark": marked,
+        "mark": with_marker(ProcessMarker(write), drop=True),
+        "mark-all": with_marker(ProcessMarker(write, delay=0.0), drop=False),
         "pdeathsig": pdeathsig,
     }
     setpriv = shutil.which("setpriv")
@@ -150,17 +149,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await rate(ways["executor"], 1.0, args.parallel)  # warm-up
             for _ in range(args.rounds):
                 for way in chosen:
-                    if way == "before":
-                        shell.process_start_ticks = _no_start_ticks  # type: ignore[assignment]
-                    try:
-                        measured = await rate(ways[way], args.seconds, args.parallel)
-                    finally:
-                        shell.process_start_ticks = process_start_ticks
+                    measured = await rate(ways[way], args.seconds, args.parallel)
                     rates[way].append(measured)
         finally:
             outbox.close()
             data.close()
-    base = statistics.median(rates["before"]) if "before" in rates else 0.0
+    base = statistics.median(rates["executor"]) if "executor" in rates else 0.0
     return {
         "parallel": args.parallel,
         "seconds": args.seconds,
@@ -169,7 +163,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "median_runs_per_s": {
             w: round(statistics.median(rs)) for w, rs in rates.items()
         },
-        "vs_before": {
+        "vs_executor": {
             w: round(statistics.median(rs) / base, 3) if base else None
             for w, rs in rates.items()
         },
@@ -184,7 +178,7 @@ def main() -> None:
     parser.add_argument(
         "--ways",
         nargs="*",
-        default=["before", "executor", "mark", "pdeathsig", "setpriv"],
+        default=["executor", "mark", "mark-all", "pdeathsig", "setpriv"],
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -194,7 +188,7 @@ def main() -> None:
         return
     for way, median in result["median_runs_per_s"].items():
         print(
-            f"{way:10} {median:6d} runs/s  x{result['vs_before'][way]}  "
+            f"{way:10} {median:6d} runs/s  x{result['vs_executor'][way]}  "
             f"rounds {result['runs_per_s'][way]}"
         )
 

@@ -82,13 +82,13 @@ class Executor(Protocol):
         execution_id: str,
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
-        on_start: Callable[[int, int | None], None] | None = None,
+        on_start: Callable[[int, Callable[[], bool]], None] | None = None,
     ) -> ExecResult:
         """Run the job once, streaming output to ``sink``.
 
-        ``on_start(pid, start_ticks)`` is called once a local process (the
-        leader of the job's own process group) has started, with its start
-        time from /proc (None if unknown); executors that start no process
+        ``on_start(pid, reaped)`` is called once a local process (the leader
+        of the job's own process group) has started; ``reaped()`` says
+        whether it has been reaped since. Executors that start no process
         never call it.
         """
         ...

@@ -243,7 +243,7 @@ class HttpExecutor:
         execution_id: str,
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
-        on_start: Callable[[int, int | None], None] | None = None,
+        on_start: Callable[[int, Callable[[], bool]], None] | None = None,
     ) -> ExecResult:
         """Send the request once and return how it went.
 

@@ -90,7 +90,6 @@ from cronmesh.core.executors.base import (
     check_string_config,
     parse_go_bool,
 )
-from cronmesh.core.orphans import process_start_ticks
 from cronmesh.errors import ValidationError
 
 __all__ = [
@@ -631,14 +630,14 @@ class ShellExecutor:
         execution_id: str,
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
-        on_start: Callable[[int, int | None], None] | None = None,
+        on_start: Callable[[int, Callable[[], bool]], None] | None = None,
     ) -> ExecResult:
         """Run the command once and return how it went.
 
-        ``on_start(pid, start_ticks)`` is called right after the job's first
+        ``on_start(pid, reaped)`` is called right after the job's first
         process started; its pid is also its process group's id, and
-        ``start_ticks`` its start time from /proc (None if unknown). It
-        must not raise.
+        ``reaped()`` says whether that process has been reaped (from then
+        on the pid may belong to another process). It must not raise.
 
         Output is streamed to ``sink`` as it arrives. Failures of the job
         (bad config, missing program, non-zero exit, timeout, kill, memory)
@@ -679,11 +678,11 @@ class ShellExecutor:
             reason = _start_error(exc, cfg)
             return _fail(out, f"cannot start: {reason}", reason)
         if on_start is not None:
-            pid = transport.get_pid()
-            if isinstance(transport, _SpawnedJob):
-                on_start(pid, transport.start_ticks)
-            else:  # not reaped before our first await: still its pid
-                on_start(pid, process_start_ticks(pid))
+            # Both transports set the return code when they reap the process
+            # (asyncio's with the pidfd child watcher the agent installs).
+            on_start(
+                transport.get_pid(), lambda: transport.get_returncode() is not None
+            )
         return await self._supervise(cfg, transport, protocol, cancel)
 
     async def _supervise(
@@ -893,8 +892,6 @@ class _SpawnedJob(asyncio.SubprocessTransport):
         self._out = out_fd
         self._pidfd = pidfd
         self._returncode: int | None = None
-        # When the process started (clock ticks after boot), if known.
-        self.start_ticks: int | None = None
         self._closed = False
         self._lost = False
         protocol.connection_made(self)
@@ -917,7 +914,7 @@ class _SpawnedJob(asyncio.SubprocessTransport):
         # A cancellation while the thread spawns cancels `spawned`; the pool
         # then kills and reaps whatever the thread started.
         spawned = _SPAWN_POOL.submit(loop, _spawn_job, cfg.argv, kwargs["env"])
-        pid, read_fd, start_ticks = await spawned
+        pid, read_fd = await spawned
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -925,9 +922,7 @@ class _SpawnedJob(asyncio.SubprocessTransport):
             os.waitpid(pid, 0)
             os.close(read_fd)
             raise
-        job = cls(loop, protocol, pid, read_fd, pidfd)
-        job.start_ticks = start_ticks
-        return job
+        return cls(loop, protocol, pid, read_fd, pidfd)
 
     def _read(self) -> None:
         try:
@@ -1183,8 +1178,8 @@ class _SpawnPool:
                 future.set_result(result)
 
 
-def _kill_spawned(started: tuple[int, int, int | None]) -> None:
-    pid, read_fd, _ = started
+def _kill_spawned(started: tuple[int, int]) -> None:
+    pid, read_fd = started
     kill_group(pid)
     os.close(read_fd)
 
@@ -1194,17 +1189,11 @@ SPAWN_THREADS = 4
 _SPAWN_POOL = _SpawnPool(SPAWN_THREADS)
 
 
-def _spawn_job(
-    argv: tuple[str, ...], env: dict[bytes, bytes]
-) -> tuple[int, int, int | None]:
-    """Start ``argv`` with its output on a new pipe: (pid, our read end, its
-    start time in clock ticks after boot, or None if /proc cannot say).
+def _spawn_job(argv: tuple[str, ...], env: dict[bytes, bytes]) -> tuple[int, int]:
+    """Start ``argv`` with its output on a new pipe: (pid, our read end).
 
     The pipe is made here, in the spawn thread, so that jobs waiting for a
-    thread hold no descriptors. The start time is read here too: on the
-    event loop those few system calls each wait for the GIL the spawn
-    threads hold (about 200 us per job under load, against 10 us alone).
-    The job cannot have been reaped yet, so the pid is still its own.
+    thread hold no descriptors.
     """
     # Only our end is non-blocking: the job's output must block when full.
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -1216,7 +1205,7 @@ def _spawn_job(
         raise
     finally:
         os.close(write_fd)
-    return pid, read_fd, process_start_ticks(pid)
+    return pid, read_fd
 
 
 def _spawn_path(argv: tuple[str, ...], env: dict[bytes, bytes], write_fd: int) -> int:
