@@ -234,12 +234,11 @@ class ProcessMarker:
             while self._noted:
                 await asyncio.sleep(self.delay)
                 self._reading, self._noted = self._noted, {}
-                pids = [pid for pid, _ in self._reading.values()]
+                batch = list(self._reading.items())
+                pids = [pid for _, (pid, _) in batch]
                 ticks = await loop.run_in_executor(None, _start_ticks_of, pids)
                 # Runs that ended meanwhile were dropped from _reading.
-                for (exec_id, (pid, reaped)), start in zip(
-                    list(self._reading.items()), ticks, strict=True
-                ):
+                for (exec_id, (pid, reaped)), start in zip(batch, ticks, strict=True):
                     if exec_id in self._reading and start is not None and not reaped():
                         self.write(exec_id, ProcessMark(pid, start, boot_id()))
                 self._reading = {}
