@@ -58,6 +58,7 @@ __all__ = [
     "ProcessMark",
     "ProcessMarker",
     "find_orphan",
+    "find_orphans",
     "mark_process",
     "process_start_ticks",
     "stop_orphans",
@@ -173,12 +174,38 @@ def _processes() -> Iterator[tuple[int, _Stat]]:
 
 
 def _members(pgid: int) -> list[int]:
-    """Running (not zombie) processes of group `pgid`.
-
-    Limitation: scans all of /proc (about 1 ms per 100 processes); used
-    only at start-up, for interrupted executions.
-    """
+    """Running (not zombie) processes of group `pgid` (one /proc scan)."""
     return [pid for pid, stat in _processes() if stat.pgrp == pgid]
+
+
+class _ProcessTable:
+    """One scan of /proc for all interrupted executions at once.
+
+    Limitation: a scan reads every process's stat (about 1 ms per 100
+    processes), and the environment search every process's environment;
+    both run once per restart, on the event loop.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[int, list[int]] = {}
+        self.pgrp: dict[int, int] = {}
+        for pid, stat in _processes():
+            self.groups.setdefault(stat.pgrp, []).append(pid)
+            self.pgrp[pid] = stat.pgrp
+        self._by_execution: dict[str, list[int]] | None = None
+
+    def members(self, pgid: int) -> list[int]:
+        return self.groups.get(pgid, [])
+
+    def named(self, execution_id: str) -> list[int]:
+        """Running processes whose environment names `execution_id`."""
+        if self._by_execution is None:
+            self._by_execution = {}
+            for pid in self.pgrp:
+                named = _execution_id_of(pid)
+                if named is not None:
+                    self._by_execution.setdefault(named, []).append(pid)
+        return self._by_execution.get(execution_id, [])
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -260,17 +287,36 @@ def _start_ticks_of(pids: list[int]) -> list[int | None]:
     return [process_start_ticks(pid) for pid in pids]
 
 
-def find_orphan(execution_id: str, mark: ProcessMark | None) -> Orphan | None:
-    """The process group still running for `execution_id`, if proven ours.
+def find_orphans(
+    runs: list[tuple[str, ProcessMark | None]],
+) -> list[Orphan]:
+    """The process groups still running for these (execution id, mark)
+    pairs, each only if proven that run's (see the module docstring).
+    A run without a mark is looked for by its processes' environment."""
+    table = _ProcessTable()
+    found = []
+    for execution_id, mark in runs:
+        if mark is None:
+            orphan = _find_by_environment(table, execution_id)
+        else:
+            orphan = _find_by_mark(table, execution_id, mark)
+        if orphan is not None:
+            found.append(orphan)
+    return found
 
-    With no mark, looks for processes whose environment names the
-    execution (see the module docstring for the rules).
-    """
-    if mark is None:
-        return _find_by_environment(execution_id)
+
+def find_orphan(execution_id: str, mark: ProcessMark | None) -> Orphan | None:
+    """`find_orphans` for one run."""
+    found = find_orphans([(execution_id, mark)])
+    return found[0] if found else None
+
+
+def _find_by_mark(
+    table: _ProcessTable, execution_id: str, mark: ProcessMark
+) -> Orphan | None:
     if mark.boot_id != boot_id():
         return None  # the machine rebooted: nothing of that run survived
-    members = _members(mark.pid)
+    members = table.members(mark.pid)
     if not members:
         return None
     # A leader waiting to be reaped (a zombie) still holds its pid and start
@@ -311,14 +357,15 @@ def find_orphan(execution_id: str, mark: ProcessMark | None) -> Orphan | None:
     return None
 
 
-def _find_by_environment(execution_id: str) -> Orphan | None:
+def _find_by_environment(table: _ProcessTable, execution_id: str) -> Orphan | None:
     # A job's processes may sit in more than one group (a member that ran
-    # setsid); this returns the first group found, the usual one.
+    # setsid); this returns the group of the first one found, the usual one.
     # Limitation: processes of such a run in a second group survive.
-    for pid, stat in _processes():
-        if _execution_id_of(pid) == execution_id:
-            return Orphan(execution_id, stat.pgrp, _members(stat.pgrp))
-    return None
+    named = table.named(execution_id)
+    if not named:
+        return None
+    pgid = table.pgrp[named[0]]
+    return Orphan(execution_id, pgid, table.members(pgid))
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> bool:

@@ -31,10 +31,9 @@ from cronmesh.core.fsm import encode_command
 from cronmesh.core.model import Execution, Job, format_time
 from cronmesh.core.orphans import (
     ORPHAN_GRACE,
-    Orphan,
     ProcessMark,
     ProcessMarker,
-    find_orphan,
+    find_orphans,
     stop_orphans,
 )
 from cronmesh.errors import CronmeshError
@@ -358,16 +357,15 @@ class Runner:
     async def _stop_orphans(self, records: list[OutboxRecord]) -> dict[str, str]:
         """Stop the process groups interrupted executions left running;
         return a line for the output of each one stopped."""
-        orphans: list[Orphan] = []
+        runs: list[tuple[str, ProcessMark | None]] = []
         for record in records:
             mark = None
             if record.process is not None:
                 # An unreadable mark falls back to the environment search.
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     mark = ProcessMark.from_json(record.process)
-            orphan = find_orphan(record.execution.id, mark)
-            if orphan is not None:
-                orphans.append(orphan)
+            runs.append((record.execution.id, mark))
+        orphans = find_orphans(runs) if runs else []
         if not orphans:
             return {}
         how = await stop_orphans(orphans, self.orphan_grace)
