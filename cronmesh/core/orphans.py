@@ -35,7 +35,7 @@ a short grace. All groups share one grace, so a hundred orphans cost one.
 # leader records the run failed after --execution-timeout at the latest, and
 # a forbid job may start elsewhere beside the orphan until the agent returns.
 # PR_SET_PDEATHSIG needs a preexec_fn, whose fork path cut the spawn rate by
-# 94 % (scripts/bench/spawn.py), and reaches only the first process.
+# 87-95 % (scripts/bench/spawn.py), and reaches only the first process.
 # Limitation: processes that left the run's process group (setsid, a daemon)
 # are not stopped, and a group whose first process exited is proven only by
 # an environment the agent can read.
