@@ -269,8 +269,7 @@ def test_J01_kill_9_mid_run_then_restart(agent: AgentProcess) -> None:
     )
     agent.wait_for("a running execution", lambda: agent.http.get("/v1/busy").json())
     agent.kill9()
-    # (the orphaned `sleep 50` ends by itself; killing by name could hit
-    # processes of other test runs on a shared machine)
+    # (the restart stops the orphaned `sleep 50`: tests/test_orphans.py)
     agent.start()
     assert agent.http.get("/v1/jobs/forbid-restart").status_code == 200
 

@@ -10,7 +10,8 @@ until a leader has committed it; only then does the outbox record go.
 So a result is never lost: not when the leader dies during the run (the
 report goes to the next leader), not when this agent crashes after the job
 ended (the restart reports it from the outbox), and a crash during the run
-is reported as an interrupted, failed execution after the restart.
+is reported as an interrupted, failed execution after the restart, once
+whatever is left of its process group is stopped (core/orphans.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,8 +29,15 @@ from cronmesh.core.commitlog import CommandLog
 from cronmesh.core.executors import Executor, OutputBuffer, get_executor
 from cronmesh.core.fsm import encode_command
 from cronmesh.core.model import Execution, Job, format_time
+from cronmesh.core.orphans import (
+    ORPHAN_GRACE,
+    ProcessMark,
+    ProcessMarker,
+    find_orphans,
+    stop_orphans,
+)
 from cronmesh.errors import CronmeshError
-from cronmesh.storage.outbox import Outbox
+from cronmesh.storage.outbox import Outbox, OutboxRecord
 
 __all__ = ["LiveExecution", "Runner"]
 
@@ -78,6 +87,9 @@ class Runner:
         # Results written to the outbox and not yet committed by a leader.
         self.unreported: dict[str, Execution] = {}
         self.retry_delay = 0.5
+        # Seconds between SIGTERM and SIGKILL for orphans found at restart.
+        self.orphan_grace = ORPHAN_GRACE
+        self.marker = None if outbox is None else ProcessMarker(self._write_mark)
         self._reports: set[asyncio.Task[None]] = set()
         self._batch: list[tuple[Execution, asyncio.Future[None]]] = []
         self._batch_scheduled = False
@@ -157,6 +169,9 @@ class Runner:
                 job_name=job.name,
                 execution_id=execution.id,
                 cancel=live.cancel,
+                on_start=lambda pid, reaped: self._note_process(
+                    execution.id, pid, reaped
+                ),
             )
             success = result.success
             output = result.output.decode(errors="replace")
@@ -184,11 +199,24 @@ class Runner:
         execution.success = success
         execution.output = output
         live.finished = True
+        if self.marker is not None:
+            self.marker.drop(execution.id)
         try:
             await self.finish(execution)
         finally:
             # Followers of the output get a last read before the entry goes.
             self._later_drop(execution.id)
+
+    def _note_process(self, exec_id: str, pid: int, reaped: Callable[[], bool]) -> None:
+        """The run's first process started: if the run lasts, the marker
+        keeps who it is in the outbox, for a restart after a crash."""
+        if self.marker is not None:
+            self.marker.note(exec_id, pid, reaped)
+
+    def _write_mark(self, exec_id: str, mark: ProcessMark) -> None:
+        # No fsync: the mark must survive the agent, not the machine.
+        if self.outbox is not None:
+            self.outbox.note_process(exec_id, mark.to_json())
 
     def _later_drop(self, exec_id: str) -> None:
         loop = asyncio.get_running_loop()
@@ -303,10 +331,14 @@ class Runner:
         if self.outbox is None:
             return 0
         count = 0
-        for record in self.outbox.records():
+        records = [
+            r
+            for r in self.outbox.records()
+            if r.execution.id not in self.live and r.execution.id not in self.unreported
+        ]
+        stopped = await self._stop_orphans([r for r in records if not r.done])
+        for record in records:
             execution = record.execution
-            if execution.id in self.live or execution.id in self.unreported:
-                continue
             if not record.done:
                 execution.finished_at = utcnow()
                 execution.success = False
@@ -314,11 +346,37 @@ class Runner:
                     f"[cronmesh] interrupted: the agent stopped while this "
                     f"execution ran; it restarted at {format_time(restarted_at)}\n"
                 )
+                if execution.id in stopped:
+                    execution.output += stopped[execution.id]
                 count += 1
             await self.finish(execution)
         if count:
             log.info("marked interrupted executions failed count=%d", count)
         return count
+
+    async def _stop_orphans(self, records: list[OutboxRecord]) -> dict[str, str]:
+        """Stop the process groups interrupted executions left running;
+        return a line for the output of each one stopped."""
+        runs: list[tuple[str, ProcessMark | None]] = []
+        for record in records:
+            mark = None
+            if record.process is not None:
+                # An unreadable mark falls back to the environment search.
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    mark = ProcessMark.from_json(record.process)
+            runs.append((record.execution.id, mark))
+        orphans = find_orphans(runs) if runs else []
+        if not orphans:
+            return {}
+        how = await stop_orphans(orphans, self.orphan_grace)
+        return {
+            o.execution_id: (
+                f"[cronmesh] its process group (pgid {o.pgid}) was still running "
+                f"and was stopped with {how[o.execution_id]}\n"
+            )
+            for o in orphans
+            if o.execution_id in how
+        }
 
     async def resend(self, exec_ids: list[str]) -> None:
         """The leader does not know these as running: if a result is kept
@@ -352,6 +410,8 @@ class Runner:
                 await asyncio.wait_for(
                     asyncio.gather(*tasks, return_exceptions=True), 5
                 )
+        if self.marker is not None:
+            self.marker.close()
         # Give reports in flight a moment; what is left goes next start.
         if self._reports:
             await asyncio.wait(list(self._reports), timeout=2.0)

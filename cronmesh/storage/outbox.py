@@ -9,6 +9,9 @@ nothing: the agent reports to whichever server leads next.
 
 After a restart, a "running" record means the agent died during the run:
 it is reported as failed ("interrupted"); a "done" one is reported as is.
+Once a running execution's first process has started, its pid and start
+time are kept beside the record (table "procs"), so that a restart can
+stop what is left of it (cronmesh/core/orphans.py).
 
 The outbox is an LMDB environment of its own (`outbox/` in the data dir),
 opened without fsync on commit: a "running" record survives a crash of the
@@ -37,17 +40,29 @@ __all__ = ["Outbox", "OutboxRecord"]
 log = logging.getLogger("cronmesh.outbox")
 
 TABLE = "outbox"
+PROCS_TABLE = "procs"
+
+# A queued write: table, key, value (None deletes), fsync wanted, who waits.
+_Write = tuple[Any, bytes, bytes | None, bool, asyncio.Future[None]]
 
 
 class OutboxRecord:
     """One execution in the outbox."""
 
-    __slots__ = ("done", "execution", "job")
+    __slots__ = ("done", "execution", "job", "process")
 
-    def __init__(self, execution: Execution, job: dict[str, Any], done: bool):
+    def __init__(
+        self,
+        execution: Execution,
+        job: dict[str, Any],
+        done: bool,
+        process: dict[str, Any] | None = None,
+    ):
         self.execution = execution
         self.job = job
         self.done = done
+        # What `note_process` kept for a running execution, if anything.
+        self.process = process
 
 
 class Outbox:
@@ -60,7 +75,7 @@ class Outbox:
             self.env = lmdb.open(
                 str(path),
                 map_size=256 << 20,
-                max_dbs=2,
+                max_dbs=4,
                 subdir=True,
                 sync=False,
                 metasync=False,
@@ -68,7 +83,8 @@ class Outbox:
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the outbox in {path}: {exc}") from exc
         self._db = self.env.open_db(TABLE.encode(), create=True)
-        self._pending: list[tuple[bytes, bytes | None, bool, asyncio.Future[None]]] = []
+        self._procs = self.env.open_db(PROCS_TABLE.encode(), create=True)
+        self._pending: list[_Write] = []
         self._flush_scheduled = False
 
     def close(self) -> None:
@@ -79,8 +95,20 @@ class Outbox:
             execution.id, {"job": job, "execution": execution.to_json()}, durable=False
         )
 
+    def note_process(self, exec_id: str, process: dict[str, Any]) -> None:
+        """Keep who a running execution's first process is (no fsync; the
+        caller does not wait: it joins this turn's transaction)."""
+        loop = asyncio.get_running_loop()
+        raw = json.dumps(process, separators=(",", ":")).encode()
+        future = self._queue(loop, self._procs, exec_id, raw, durable=False)
+        future.add_done_callback(_log_failure)
+
     async def put_done(self, execution: Execution) -> None:
-        """Record the result durably (fsync) before it is reported."""
+        """Record the result durably (fsync) before it is reported; the
+        run's process record, if any, goes in the same transaction."""
+        loop = asyncio.get_running_loop()
+        forget = self._queue(loop, self._procs, execution.id, None, durable=False)
+        forget.add_done_callback(_log_failure)
         await self._write(
             execution.id, {"done": True, "execution": execution.to_json()}, durable=True
         )
@@ -94,6 +122,7 @@ class Outbox:
         found = []
         with self.env.begin(buffers=False) as txn, txn.cursor(db=self._db) as cur:
             for key, raw in cur:
+                process = _process_doc(txn.get(key, db=self._procs))
                 try:
                     doc = json.loads(raw)
                     execution = Execution.from_json(doc["execution"])
@@ -103,7 +132,9 @@ class Outbox:
                     )
                     continue
                 found.append(
-                    OutboxRecord(execution, doc.get("job") or {}, bool(doc.get("done")))
+                    OutboxRecord(
+                        execution, doc.get("job") or {}, bool(doc.get("done")), process
+                    )
                 )
         return found
 
@@ -115,13 +146,24 @@ class Outbox:
         self, exec_id: str, doc: dict[str, Any] | None, *, durable: bool
     ) -> None:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
         raw = None if doc is None else json.dumps(doc, separators=(",", ":")).encode()
-        self._pending.append((exec_id.encode(), raw, durable, future))
+        await self._queue(loop, self._db, exec_id, raw, durable=durable)
+
+    def _queue(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        db: Any,
+        exec_id: str,
+        raw: bytes | None,
+        *,
+        durable: bool,
+    ) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((db, exec_id.encode(), raw, durable, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        await future
+        return future
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -130,15 +172,15 @@ class Outbox:
             while True:
                 try:
                     with self.env.begin(write=True) as txn:
-                        for key, raw, _, _ in batch:
+                        for db, key, raw, _, _ in batch:
                             if raw is None:
-                                txn.delete(key, db=self._db)
+                                txn.delete(key, db=db)
                             else:
-                                txn.put(key, raw, db=self._db)
+                                txn.put(key, raw, db=db)
                     break
                 except lmdb.MapFullError:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            if any(durable for _, _, durable, _ in batch):
+            if any(durable for _, _, _, durable, _ in batch):
                 self.env.sync(True)
         except lmdb.Error as exc:
             error = StorageError(f"outbox write failed: {exc}")
@@ -149,3 +191,20 @@ class Outbox:
         for *_, future in batch:
             if not future.done():
                 future.set_result(None)
+
+
+def _process_doc(raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    # Nobody awaits these writes; a failed one only costs the record of a
+    # process, so it is logged, not raised.
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("outbox process record not written: %s", future.exception())

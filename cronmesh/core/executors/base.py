@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -81,8 +82,15 @@ class Executor(Protocol):
         execution_id: str,
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
+        on_start: Callable[[int, Callable[[], bool]], None] | None = None,
     ) -> ExecResult:
-        """Run the job once, streaming output to ``sink``."""
+        """Run the job once, streaming output to ``sink``.
+
+        ``on_start(pid, reaped)`` is called once a local process (the leader
+        of the job's own process group) has started; ``reaped()`` says
+        whether it has been reaped since. Executors that start no process
+        never call it.
+        """
         ...
 
 

@@ -24,6 +24,7 @@ import os
 import re
 import ssl
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -242,12 +243,14 @@ class HttpExecutor:
         execution_id: str,
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
+        on_start: Callable[[int, Callable[[], bool]], None] | None = None,
     ) -> ExecResult:
         """Send the request once and return how it went.
 
-        ``job_name``, ``execution_id`` and ``env_extra`` are accepted for the
-        common interface and not sent anywhere. Network errors, timeouts and
-        unexpected answers come back as a failed ExecResult.
+        ``job_name``, ``execution_id``, ``env_extra`` and ``on_start`` are
+        accepted for the common interface and not used (no process starts).
+        Network errors, timeouts and unexpected answers come back as a failed
+        ExecResult.
 
         Raises:
             asyncio.CancelledError: if the task running this is cancelled.

@@ -630,8 +630,14 @@ class ShellExecutor:
         execution_id: str,
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
+        on_start: Callable[[int, Callable[[], bool]], None] | None = None,
     ) -> ExecResult:
         """Run the command once and return how it went.
+
+        ``on_start(pid, reaped)`` is called right after the job's first
+        process started; its pid is also its process group's id, and
+        ``reaped()`` says whether that process has been reaped (from then
+        on the pid may belong to another process). It must not raise.
 
         Output is streamed to ``sink`` as it arrives. Failures of the job
         (bad config, missing program, non-zero exit, timeout, kill, memory)
@@ -671,6 +677,12 @@ class ShellExecutor:
         except OSError as exc:
             reason = _start_error(exc, cfg)
             return _fail(out, f"cannot start: {reason}", reason)
+        if on_start is not None:
+            # Both transports set the return code when they reap the process
+            # (asyncio's with the pidfd child watcher the agent installs).
+            on_start(
+                transport.get_pid(), lambda: transport.get_returncode() is not None
+            )
         return await self._supervise(cfg, transport, protocol, cancel)
 
     async def _supervise(
