@@ -299,8 +299,10 @@ def main() -> None:
     parser.add_argument(
         "--raft",
         action="store_true",
-        help="start the agent with --server (a one-node Raft log); by default "
-        "it runs without, on the single-server LocalLog",
+        default=True,
+        help="start the agent with --server, a one-node Raft log (the default, "
+        "and the only mode now: since distributed execution an agent without "
+        "--server holds no jobs and asks a server, so alone it answers 503)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
