@@ -38,7 +38,12 @@ from cronmesh.core.model import (
 )
 from cronmesh.core.runner import Runner
 from cronmesh.core.targets import Candidate, parse_tags, select_targets
-from cronmesh.errors import ConflictError, CronmeshError, NotFoundError
+from cronmesh.errors import (
+    ConflictError,
+    CronmeshError,
+    NotFoundError,
+    RunRefusedError,
+)
 from cronmesh.storage.state import StateStore
 
 __all__ = ["Dispatcher", "FireOutcome"]
@@ -52,7 +57,7 @@ DEFAULT_BACKOFF_MAX = "1m"
 DISPATCH_ATTEMPTS = 3
 DISPATCH_PAUSE = 0.5
 
-SendRun = Callable[[str, Job, Execution], Awaitable[None]]
+SendRun = Callable[[str, Job, Execution], Awaitable[object]]
 
 
 @dataclass
@@ -121,6 +126,10 @@ class Dispatcher:
         ]
         # Hands an execution to another node; None: everything runs here.
         self.send_run: SendRun | None = None
+        # Takes an execution whose hand-over got no answer at all (the agent
+        # may have it): it stays running and this decides its fate. None:
+        # it is recorded failed at once.
+        self.on_unanswered: Callable[[Execution], None] | None = None
         self.on_started: list[Callable[[Execution], None]] = []
         # Metrics hook: seconds from a fire instant to its start committed.
         self.observe_fire_lag: Callable[[float], None] = lambda seconds: None
@@ -250,7 +259,7 @@ class Dispatcher:
 
     async def _dispatch(self, job: Job, execution: Execution) -> None:
         """Hand a committed execution to its node; record it failed if the
-        node cannot be reached."""
+        node refuses it, or leave it to `on_unanswered` if it never answers."""
         if execution.node_name == self.node_name or self.send_run is None:
             try:
                 await self.runner.accept(job, execution)
@@ -258,33 +267,62 @@ class Dispatcher:
             except CronmeshError as exc:
                 error = str(exc)
         else:
-            error = ""
-            for attempt in range(DISPATCH_ATTEMPTS):
-                try:
-                    await self.send_run(execution.node_name, job, execution)
-                    return
-                except CronmeshError as exc:
-                    error = str(exc)
-                    log.debug(
-                        "dispatch failed job=%s node=%s attempt=%d error=%s",
-                        job.name,
-                        execution.node_name,
-                        attempt + 1,
-                        exc,
-                    )
-                if attempt + 1 < DISPATCH_ATTEMPTS:
-                    await asyncio.sleep(DISPATCH_PAUSE)
+            error, answered = await self._hand_over(job, execution)
+            if not error:
+                return
+            if not answered and self.on_unanswered is not None:
+                # No answer is not "no": the agent may have the run (its
+                # replies were lost, or it was too busy to send them).
+                log.warning(
+                    "hand-over unanswered, run kept running until its agent "
+                    "settles it job=%s node=%s execution=%s error=%s",
+                    job.name,
+                    execution.node_name,
+                    execution.id,
+                    error,
+                )
+                self.on_unanswered(execution)
+                return
         log.warning(
             "could not start execution job=%s node=%s error=%s",
             job.name,
             execution.node_name,
             error,
         )
-        # Limitation: if the agent took the run but its answer was lost, its
-        # own (later) report is refused as a duplicate of this failure.
         execution.finished_at = self.clock()
         execution.output = f"[cronmesh] not run: {error}\n"
         await self.runner.report(execution)
+
+    async def _hand_over(self, job: Job, execution: Execution) -> tuple[str, bool]:
+        """Send `execution` to its node, DISPATCH_ATTEMPTS times at most.
+
+        Returns (error, answered): ("", True) when the agent took it (a
+        repeated hand-over of a run it has is answered, not started twice),
+        (why, True) when it answered no, (last error, False) when it never
+        answered.
+        """
+        assert self.send_run is not None
+        error = ""
+        for attempt in range(DISPATCH_ATTEMPTS):
+            try:
+                await self.send_run(execution.node_name, job, execution)
+                return "", True
+            except RunRefusedError as exc:
+                # A clear no: the agent does not run it (it checks what it
+                # has before it refuses).
+                return str(exc), True
+            except CronmeshError as exc:
+                error = str(exc)
+                log.debug(
+                    "dispatch failed job=%s node=%s attempt=%d error=%s",
+                    job.name,
+                    execution.node_name,
+                    attempt + 1,
+                    exc,
+                )
+            if attempt + 1 < DISPATCH_ATTEMPTS:
+                await asyncio.sleep(DISPATCH_PAUSE)
+        return error, False
 
     def on_event(self, event: Event) -> None:
         """FSM listener: retries and dependent jobs after an execution ends."""
@@ -294,6 +332,9 @@ class Dispatcher:
         assert execution is not None
         job = self.store.get_job(event.job)
         if job is None:
+            return
+        if event.extra.get("replaced_verdict") and not execution.success:
+            # The leader's hand-over verdict already started the retry.
             return
         if not execution.success and execution.attempt < job.retries + 1:
             elapsed = (self.clock() - execution.started_at).total_seconds()

@@ -102,6 +102,18 @@ class Runner:
         self.start(job, execution)
         return True
 
+    def has(self, exec_id: str) -> str:
+        """What this node has of an execution: "running", "done" (result
+        kept or being reported), or "" (nothing)."""
+        live = self.live.get(exec_id)
+        if live is not None and not live.finished:
+            return "running"
+        if live is not None or exec_id in self.unreported:
+            return "done"
+        if self.outbox is not None and exec_id in self.outbox:
+            return "running"
+        return ""
+
     def start(self, job: Job, execution: Execution) -> LiveExecution:
         """Run `execution` in the background (its outbox record, if any, is
         already written)."""
