@@ -900,6 +900,8 @@ class Agent:
                 execution.finished_at = datetime.now(UTC)
                 execution.success = False
                 execution.verdict = self.liveness.verdict(execution.id)
+                if execution.id in self.dispatcher.handing_over:
+                    execution.verdict = VERDICT_HANDOVER
                 execution.output = f"{execution.output}[cronmesh] failed: {reason}\n"
                 task = asyncio.create_task(self._report_lost(execution))
                 self._background.add(task)

@@ -130,6 +130,8 @@ class Dispatcher:
         # may have it): it stays running and this decides its fate. None:
         # it is recorded failed at once.
         self.on_unanswered: Callable[[Execution], None] | None = None
+        # Ids of executions being handed over right now.
+        self.handing_over: set[str] = set()
         self.on_started: list[Callable[[Execution], None]] = []
         # Metrics hook: seconds from a fire instant to its start committed.
         self.observe_fire_lag: Callable[[float], None] = lambda seconds: None
@@ -301,6 +303,16 @@ class Dispatcher:
         (why, True) when it answered no, (last error, False) when it never
         answered.
         """
+        assert self.send_run is not None
+        self.handing_over.add(execution.id)
+        try:
+            return await self._hand_over_attempts(job, execution)
+        finally:
+            self.handing_over.discard(execution.id)
+
+    async def _hand_over_attempts(
+        self, job: Job, execution: Execution
+    ) -> tuple[str, bool]:
         assert self.send_run is not None
         error = ""
         for attempt in range(DISPATCH_ATTEMPTS):

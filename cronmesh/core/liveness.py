@@ -18,12 +18,14 @@ applies. Executions failed for either reason while their hand-over was in
 doubt carry the verdict VERDICT_HANDOVER, which lets the agent's own later
 report replace the failure (core/fsm.py).
 
-Heartbeats live in the leader's memory only: a new leader starts each
-clock at its election, except for a node the mesh already says is failed
-or left: there the silence counts from when this node saw it go (`gone`),
-so a run of an agent that died before the failover is failed at once if
-that was two heartbeat intervals ago. A live-looking node still gets one
-full `timeout` from the election. Pure logic, no clock of its own.
+Heartbeats live in the leader's memory only. A new leader counts the
+silence of every execution running at its election from the election itself
+(not from its first sweep, up to a second later), except on a node the mesh
+already says is failed or left: there it counts from when this node saw the
+node go (`gone_since`), so the run of an agent that died well before the
+failover is failed at the first sweep. A live-looking (or suspect) node
+still gets one full `timeout` from the election: only its heartbeats could
+tell more, and they went to the old leader. Pure logic, no clock of its own.
 """
 
 from __future__ import annotations
@@ -68,12 +70,16 @@ class LivenessWatch:
     # execution id -> (node, heartbeats of that node without it) for runs
     # whose hand-over got no answer
     unanswered: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # The next `overdue` is the first since `lead`: what runs then was
+    # running at the election, and its clock starts at `since`.
+    inherit: bool = False
 
     def lead(self, now: float) -> None:
         """This node just became leader: every silence counts from now."""
         self.since = now
         self.seen.clear()
         self.heard_of.clear()
+        self.inherit = True
 
     def heard(self, running: list[str], now: float) -> None:
         for exec_id in running:
@@ -117,10 +123,12 @@ class LivenessWatch:
         overdue: list[tuple[R, str]] = []
         current = set()
         gone_since = gone_since or {}
+        first_seen = self.since if self.inherit else max(self.since, now)
+        self.inherit = False
         for execution in running:
             current.add(execution.id)
             node = execution.node_name
-            last = self.seen.setdefault(execution.id, max(self.since, now))
+            last = self.seen.setdefault(execution.id, first_seen)
             status = node_status.get(node, "unknown")
             gone = status not in ("alive", "suspect")
             if gone and execution.id not in self.heard_of and node in gone_since:
