@@ -51,6 +51,7 @@ from cronmesh.errors import (
     ConflictError,
     CronmeshError,
     NotFoundError,
+    TransportError,
     UnavailableError,
     ValidationError,
 )
@@ -614,7 +615,7 @@ class Agent:
         """The RPC address of `node` from the mesh.
 
         Raises:
-            CronmeshError: the mesh does not know the node.
+            TransportError: the mesh does not know the node.
         """
         if node == self.node_name:
             return self.tags["rpc_addr"]
@@ -627,7 +628,7 @@ class Agent:
         address = self._rpc_addrs[1].get(node)
         if address:
             return address
-        raise CronmeshError(f"no RPC address known for node {node!r}")
+        raise TransportError(f"no RPC address known for node {node!r}")
 
     async def _send_run(self, node: str, job: Job, execution: Execution) -> None:
         address = self.rpc_address(node)

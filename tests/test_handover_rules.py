@@ -19,7 +19,7 @@ from cronmesh.core.liveness import VERDICT_HANDOVER, LivenessWatch
 from cronmesh.core.model import STATUS_SUCCESS, Execution, Job
 from cronmesh.core.runner import Runner
 from cronmesh.core.targets import Candidate, select_targets
-from cronmesh.errors import RunRefusedError, TransportError
+from cronmesh.errors import CronmeshError, RunRefusedError, TransportError
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.state import StateStore
 
@@ -164,17 +164,19 @@ def test_a_verdict_never_replaces_an_agents_result(fsm: StateMachine) -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "kept_running"),
+    ("error", "kept_running", "verdict"),
     [
-        (TransportError("agent at x unreachable: DEADLINE_EXCEEDED"), True),
-        (RunRefusedError("agent at x refused the run: stopping"), False),
+        (CronmeshError("agent at x unreachable: DEADLINE_EXCEEDED"), True, ""),
+        (TransportError("agent at x unreachable: UNAVAILABLE"), False, "handover"),
+        (RunRefusedError("agent at x refused the run: stopping"), False, ""),
     ],
 )
-def test_only_a_refused_hand_over_is_final(
+def test_only_a_hand_over_that_may_have_arrived_is_left_running(
     fsm: StateMachine,
     monkeypatch: pytest.MonkeyPatch,
     error: Exception,
     kept_running: bool,
+    verdict: str,
 ) -> None:
     monkeypatch.setattr(dispatcher_module, "DISPATCH_PAUSE", 0)
 
@@ -203,9 +205,12 @@ def test_only_a_refused_hand_over_is_final(
     unanswered, calls, stored = asyncio.run(scenario())
     assert stored is not None
     assert stored.running is kept_running
+    assert stored.verdict == verdict
     if kept_running:
         assert [e.id for e in unanswered] == [stored.id]
         assert calls == dispatcher_module.DISPATCH_ATTEMPTS
     else:
-        assert unanswered == [] and calls == 1
-        assert "not run: agent at x refused" in stored.output
+        assert unanswered == []
+        assert stored.output == f"[cronmesh] not run: {error}\n"
+        refused = isinstance(error, RunRefusedError)
+        assert calls == (1 if refused else dispatcher_module.DISPATCH_ATTEMPTS)

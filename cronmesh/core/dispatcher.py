@@ -9,7 +9,11 @@ execution to its agent: this node's runner directly, other nodes over gRPC
 (`send_run`). The guards live in the state machine, so they hold however
 many callers race and across leader changes: a fire instant is accepted
 once, a dependent run once per parent group, and a `forbid` job with a
-running execution gets a 409.
+running execution gets a 409. An agent that answers a hand-over with no,
+or cannot be reached at all, gets its execution recorded failed; one that
+was reached but never answered may have taken it, so the execution stays
+running and `on_unanswered` passes it to the leader's liveness watch
+(core/liveness.py), where heartbeats settle it.
 
 After an execution ends (an `execution_done` event, seen on every server;
 only the leader acts) the dispatcher starts the next attempt of a failed
@@ -28,6 +32,7 @@ from datetime import UTC, datetime
 
 from cronmesh.core.commitlog import CommandLog
 from cronmesh.core.fsm import ApplyResult, Event, encode_command
+from cronmesh.core.liveness import VERDICT_HANDOVER
 from cronmesh.core.model import (
     CONCURRENCY_FORBID,
     Execution,
@@ -43,6 +48,7 @@ from cronmesh.errors import (
     CronmeshError,
     NotFoundError,
     RunRefusedError,
+    TransportError,
 )
 from cronmesh.storage.state import StateStore
 
@@ -52,10 +58,15 @@ log = logging.getLogger("cronmesh.dispatcher")
 
 RETRY_INTERVAL = 0.5
 DEFAULT_BACKOFF_MAX = "1m"
-# A target that does not take its execution is asked again this often
-# before the execution is recorded as failed.
+# A target that does not answer a hand-over is asked this often; then the
+# execution is left to `on_unanswered` (an answered "no" is final at once).
 DISPATCH_ATTEMPTS = 3
 DISPATCH_PAUSE = 0.5
+# How a hand-over ended.
+_TAKEN = "taken"
+_REFUSED = "refused"
+_UNREACHED = "unreached"  # no attempt reached the agent (no such address)
+_UNANSWERED = "unanswered"  # an attempt may have reached it; no answer came
 
 SendRun = Callable[[str, Job, Execution], Awaitable[object]]
 
@@ -261,7 +272,9 @@ class Dispatcher:
 
     async def _dispatch(self, job: Job, execution: Execution) -> None:
         """Hand a committed execution to its node; record it failed if the
-        node refuses it, or leave it to `on_unanswered` if it never answers."""
+        node refuses it or cannot be reached, or leave it to `on_unanswered`
+        if it may have it but never answered."""
+        verdict = ""
         if execution.node_name == self.node_name or self.send_run is None:
             try:
                 await self.runner.accept(job, execution)
@@ -269,10 +282,10 @@ class Dispatcher:
             except CronmeshError as exc:
                 error = str(exc)
         else:
-            error, answered = await self._hand_over(job, execution)
-            if not error:
+            error, outcome = await self._hand_over(job, execution)
+            if outcome == _TAKEN:
                 return
-            if not answered and self.on_unanswered is not None:
+            if outcome == _UNANSWERED and self.on_unanswered is not None:
                 # No answer is not "no": the agent may have the run (its
                 # replies were lost, or it was too busy to send them).
                 log.warning(
@@ -285,6 +298,10 @@ class Dispatcher:
                 )
                 self.on_unanswered(execution)
                 return
+            if outcome != _REFUSED:
+                # Never reached, so almost surely not started; should the
+                # agent report it after all, its report replaces this.
+                verdict = VERDICT_HANDOVER
         log.warning(
             "could not start execution job=%s node=%s error=%s",
             job.name,
@@ -293,15 +310,17 @@ class Dispatcher:
         )
         execution.finished_at = self.clock()
         execution.output = f"[cronmesh] not run: {error}\n"
+        execution.verdict = verdict
         await self.runner.report(execution)
 
-    async def _hand_over(self, job: Job, execution: Execution) -> tuple[str, bool]:
+    async def _hand_over(self, job: Job, execution: Execution) -> tuple[str, str]:
         """Send `execution` to its node, DISPATCH_ATTEMPTS times at most.
 
-        Returns (error, answered): ("", True) when the agent took it (a
-        repeated hand-over of a run it has is answered, not started twice),
-        (why, True) when it answered no, (last error, False) when it never
-        answered.
+        Returns ("", _TAKEN) when the agent took it (a repeated hand-over of
+        a run it has is answered, not started twice), or the last error and
+        _REFUSED (the agent answered no), _UNREACHED (no attempt reached
+        it) or _UNANSWERED (some attempt may have reached it, none got an
+        answer).
         """
         assert self.send_run is not None
         self.handing_over.add(execution.id)
@@ -312,19 +331,21 @@ class Dispatcher:
 
     async def _hand_over_attempts(
         self, job: Job, execution: Execution
-    ) -> tuple[str, bool]:
+    ) -> tuple[str, str]:
         assert self.send_run is not None
-        error = ""
+        error, outcome = "", _UNREACHED
         for attempt in range(DISPATCH_ATTEMPTS):
             try:
                 await self.send_run(execution.node_name, job, execution)
-                return "", True
+                return "", _TAKEN
             except RunRefusedError as exc:
                 # A clear no: the agent does not run it (it checks what it
                 # has before it refuses).
-                return str(exc), True
+                return str(exc), _REFUSED
             except CronmeshError as exc:
                 error = str(exc)
+                if not isinstance(exc, TransportError):
+                    outcome = _UNANSWERED  # a timeout: it may have arrived
                 log.debug(
                     "dispatch failed job=%s node=%s attempt=%d error=%s",
                     job.name,
@@ -334,7 +355,7 @@ class Dispatcher:
                 )
             if attempt + 1 < DISPATCH_ATTEMPTS:
                 await asyncio.sleep(DISPATCH_PAUSE)
-        return error, False
+        return error, outcome
 
     def on_event(self, event: Event) -> None:
         """FSM listener: retries and dependent jobs after an execution ends."""

@@ -102,8 +102,6 @@ class Runner:
         if self.has(execution.id):
             return False
         if self.outbox is not None:
-            if execution.id in self.outbox:
-                return False
             await self.outbox.put_running(execution, job.to_json())
             if execution.id in self.live:  # a concurrent hand-over won
                 return False

@@ -23,7 +23,7 @@ import grpc
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult
 from cronmesh.core.output import OutputFollower
-from cronmesh.errors import CronmeshError, RunRefusedError
+from cronmesh.errors import CronmeshError, RunRefusedError, TransportError
 from cronmesh.rpc import agent_pb2, agent_pb2_grpc, raft_pb2, raft_pb2_grpc
 from cronmesh.rpc.tls import RpcSecurity
 
@@ -192,7 +192,8 @@ class AgentClient:
 
         Raises:
             RunRefusedError: the agent answered that it does not run it.
-            CronmeshError: the agent could not be reached or did not answer.
+            TransportError: no connection to the agent.
+            CronmeshError: no answer in time (the agent may have it).
         """
         try:
             reply = await self._stub(address).AgentRun(
@@ -200,7 +201,15 @@ class AgentClient:
                 timeout=CALL_TIMEOUT,
             )
         except grpc.aio.AioRpcError as exc:
-            raise CronmeshError(
+            # UNAVAILABLE: no connection (or it broke), so the request most
+            # likely never arrived; any other code, a deadline above all, may
+            # come after the agent got it.
+            error = (
+                TransportError
+                if exc.code() == grpc.StatusCode.UNAVAILABLE
+                else CronmeshError
+            )
+            raise error(
                 f"agent at {address} unreachable: {exc.code().name} {exc.details()}"
             ) from exc
         if not reply.accepted:
