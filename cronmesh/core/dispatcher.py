@@ -58,14 +58,14 @@ log = logging.getLogger("cronmesh.dispatcher")
 
 RETRY_INTERVAL = 0.5
 DEFAULT_BACKOFF_MAX = "1m"
-# A target that does not answer a hand-over is asked this often; then the
-# execution is left to `on_unanswered` (an answered "no" is final at once).
+# A target that does not take a hand-over is asked this often (an answered
+# "no" ends it at once); then see `_dispatch`.
 DISPATCH_ATTEMPTS = 3
 DISPATCH_PAUSE = 0.5
 # How a hand-over ended.
 _TAKEN = "taken"
 _REFUSED = "refused"
-_UNREACHED = "unreached"  # no attempt reached the agent (no such address)
+_UNREACHED = "unreached"  # no attempt reached the agent (no address or link)
 _UNANSWERED = "unanswered"  # an attempt may have reached it; no answer came
 
 SendRun = Callable[[str, Job, Execution], Awaitable[object]]

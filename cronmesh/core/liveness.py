@@ -48,8 +48,8 @@ R = TypeVar("R", bound=_Run)
 
 DEFAULT_TIMEOUT = 30.0
 HEARTBEAT_INTERVAL = 3.0
-# Heartbeats of a node without an unanswered execution before the leader
-# says the agent never started it.
+# Heartbeats of a node that do not list an execution whose hand-over went
+# unanswered, before the leader says the agent never started it.
 MISSED_HEARTBEATS = 2
 # The verdict of a failure the leader recorded while the hand-over of the
 # execution went unanswered (Execution.verdict).
