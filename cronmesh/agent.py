@@ -35,18 +35,23 @@ from cronmesh.core.dispatcher import Dispatcher
 from cronmesh.core.executors import get_executor
 from cronmesh.core.executors.shell import dropped_tail, install_pidfd_child_watcher
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
-from cronmesh.core.liveness import HEARTBEAT_INTERVAL, LivenessWatch
+from cronmesh.core.liveness import (
+    HEARTBEAT_INTERVAL,
+    VERDICT_HANDOVER,
+    LivenessWatch,
+)
 from cronmesh.core.model import Execution, Job, format_time
 from cronmesh.core.notify import Notifier as Notifications
 from cronmesh.core.notify import NotifySettings
 from cronmesh.core.runner import Runner
 from cronmesh.core.schedule import load_zone, parse_schedule
 from cronmesh.core.scheduler import DEFAULT_CATCH_UP, Scheduler
-from cronmesh.core.targets import Candidate
+from cronmesh.core.targets import DRAINING_TAG, Candidate
 from cronmesh.errors import (
     ConflictError,
     CronmeshError,
     NotFoundError,
+    TransportError,
     UnavailableError,
     ValidationError,
 )
@@ -203,6 +208,8 @@ class Agent:
         self._sweeper: asyncio.Task[None] | None = None
         self._candidate_cache: tuple[float, list[Candidate]] | None = None
         self._rpc_addrs: tuple[list[Candidate] | None, dict[str, str]] = (None, {})
+        # member name -> when the mesh said it failed or left (monotonic)
+        self._gone_since: dict[str, float] = {}
         self._server_cache: tuple[float, dict[str, str]] | None = None
         self._rpc_server: grpc.aio.Server | None = None
         self.app: Any = None
@@ -244,6 +251,7 @@ class Agent:
         self.dispatcher.node_tags = lambda: self.tags
         self.dispatcher.members = self._candidates
         self.dispatcher.send_run = self._send_run
+        self.dispatcher.on_unanswered = self._handover_unanswered
         self.scheduler = Scheduler(
             self.store, self.dispatcher, catch_up=config.catch_up_window
         )
@@ -299,6 +307,8 @@ class Agent:
             "port": str(self.config.rpc_port),
             "expect": str(self.config.bootstrap_expect),
             **ours,
+            # A stopping node runs nothing new: leaders do not pick it.
+            **({DRAINING_TAG: "true"} if self._stop.is_set() else {}),
         }
 
     def is_leader(self) -> bool:
@@ -605,7 +615,7 @@ class Agent:
         """The RPC address of `node` from the mesh.
 
         Raises:
-            CronmeshError: the mesh does not know the node.
+            TransportError: the mesh does not know the node.
         """
         if node == self.node_name:
             return self.tags["rpc_addr"]
@@ -618,20 +628,35 @@ class Agent:
         address = self._rpc_addrs[1].get(node)
         if address:
             return address
-        raise CronmeshError(f"no RPC address known for node {node!r}")
+        raise TransportError(f"no RPC address known for node {node!r}")
 
     async def _send_run(self, node: str, job: Job, execution: Execution) -> None:
         address = self.rpc_address(node)
-        await self.agents.run(
+        state = await self.agents.run(
             address,
             json.dumps(job.to_json()).encode(),
             json.dumps(execution.to_json()).encode(),
         )
+        if state != "started":
+            log.debug(
+                "repeated hand-over answered execution=%s node=%s state=%s",
+                execution.id,
+                node,
+                state,
+            )
+
+    def _handover_unanswered(self, execution: Execution) -> None:
+        """Dispatcher: the agent never answered; heartbeats settle the run."""
+        self.liveness.handover_unanswered(execution.id, execution.node_name)
 
     async def _accept_run(
         self, job_doc: dict[str, Any], exec_doc: dict[str, Any]
-    ) -> None:
+    ) -> str:
         """gRPC AgentRun: the leader hands this node an execution.
+
+        Idempotent by execution id: a hand-over of a run this node already
+        has starts nothing and answers "running" or "done"; otherwise
+        "started".
 
         Raises:
             UnavailableError: this agent is stopping; the leader records the
@@ -644,15 +669,21 @@ class Agent:
                 f"execution {execution.id} is for {execution.node_name!r}, "
                 f"this node is {self.node_name!r}"
             )
-        if self._stop.is_set() and execution.id not in self.runner.live:
-            # Limitation: a stopping server stays alive in the mesh until its
-            # runs end (see shutdown), so a leader may still pick it.
+        has = self.runner.has(execution.id)
+        if has:
+            return has
+        if self._stop.is_set():
+            # A stopping node announces it (the `draining` tag) and leaders
+            # skip it. Limitation: a leader that picked it before the tag
+            # reached it still records the run "not run".
             raise UnavailableError(
                 f"agent {self.node_name} is stopping and starts no new runs"
             )
         started = await self.runner.accept(job, execution)
-        if started:
-            log.debug("execution accepted job=%s execution=%s", job.name, execution.id)
+        if not started:
+            return self.runner.has(execution.id) or "running"
+        log.debug("execution accepted job=%s execution=%s", job.name, execution.id)
+        return "started"
 
     async def live_output(self, execution: Execution) -> str | None:
         """The output so far of a running execution, from whichever node runs it."""
@@ -764,15 +795,24 @@ class Agent:
         if self.cluster is None or not self.is_leader():
             return agent_pb2.HeartbeatReply(ok=False, leader=self._leader_hint() or "")
         ids = [entry.partition("/")[2] for entry in running]
-        self.liveness.heard(ids, time.monotonic())
+        self.liveness.beat(node, ids, time.monotonic())
         finished = []
         for entry in running:
             job, _, exec_id = entry.partition("/")
             state = self.store.execution_state(job, exec_id)
+            if state == "finished" and self._verdict_only(job, exec_id):
+                continue  # its result may replace the leader's verdict
             if state == "finished" or (state is None and not self.store.has_job(job)):
                 # Ended, or its job was deleted: the agent stops it.
                 finished.append(entry)
         return agent_pb2.HeartbeatReply(ok=True, unknown=finished)
+
+    def _verdict_only(self, job: str, exec_id: str) -> bool:
+        """The execution was failed by a leader's hand-over verdict only."""
+        with contextlib.suppress(CronmeshError):
+            execution = self.store.get_execution(job, exec_id)
+            return execution is not None and execution.verdict == VERDICT_HANDOVER
+        return False
 
     def _running_entries(self) -> list[str]:
         """What this node runs, and results it has not delivered yet (the
@@ -792,9 +832,9 @@ class Agent:
         """Every node: tell the leader what runs here; stop what it ended."""
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+            # Sent when empty too: a leader whose hand-over got no answer
+            # learns from it that this node never started the run.
             running = self._running_entries()
-            if not running:
-                continue
             try:
                 if self.cluster is not None and self.is_leader():
                     reply = self._on_heartbeat(self.node_name, running)
@@ -832,7 +872,9 @@ class Agent:
             self.liveness.heard(self.runner.running_ids(), time.monotonic())
             self.liveness.heard(list(self.runner.unreported), time.monotonic())
             running = self.store.running_refs()
-            overdue = self.liveness.overdue(running, status, time.monotonic())
+            overdue = self.liveness.overdue(
+                running, status, time.monotonic(), self._gone_since
+            )
             if overdue:
                 # Judge only as a leader a quorum still follows (a paused
                 # leader that resumes has been deposed without knowing it).
@@ -858,6 +900,9 @@ class Agent:
                 )
                 execution.finished_at = datetime.now(UTC)
                 execution.success = False
+                execution.verdict = self.liveness.verdict(execution.id)
+                if execution.id in self.dispatcher.handing_over:
+                    execution.verdict = VERDICT_HANDOVER
                 execution.output = f"{execution.output}[cronmesh] failed: {reason}\n"
                 task = asyncio.create_task(self._report_lost(execution))
                 self._background.add(task)
@@ -1161,6 +1206,11 @@ class Agent:
 
     def _member_event(self, kind: str, member: Any) -> None:
         self._candidate_cache = self._server_cache = None
+        if kind in ("failed", "leave"):
+            # Liveness: a new leader counts a dead agent's silence from here.
+            self._gone_since.setdefault(member.name, time.monotonic())
+        elif kind == "join":
+            self._gone_since.pop(member.name, None)
         if kind == "conflict":
             self._name_taken(member)
             return
@@ -1273,6 +1323,7 @@ class Agent:
         """
         log.info("agent stopping node=%s", self.node_name)
         self.notifier.stopping("stopping: no new runs")
+        self._announce_draining()
         await self.scheduler.stop()
         await self.dispatcher.stop()
         if self.cluster is None:
@@ -1314,6 +1365,16 @@ class Agent:
         self.data.close()
         await self.notifier.close()
         log.info("agent stopped node=%s", self.node_name)
+
+    def _announce_draining(self) -> None:
+        """Gossip the `draining` tag (self.tags adds it once stopping)."""
+        if self.gossip is None or self._left_mesh:
+            return
+        self._candidate_cache = None
+        try:
+            self.gossip.set_tags(self.tags)
+        except CronmeshError as exc:
+            log.warning("cannot announce draining error=%s", exc)
 
     async def _leave_mesh(self) -> None:
         """Leave the gossip mesh gracefully (once)."""

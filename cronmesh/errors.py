@@ -9,6 +9,7 @@
     ├── UnavailableError     the node is stopping: no new runs (HTTP 503)
     ├── TransportError       a peer could not be reached
     ├── RemoteError          a peer answered with something we cannot use
+    │   └── RunRefusedError  an agent answered a hand-over with no
     └── InvariantViolation   a bug: an internal rule was broken
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "InvariantViolation",
     "NotFoundError",
     "RemoteError",
+    "RunRefusedError",
     "ScheduleError",
     "StorageError",
     "TransportError",
@@ -70,6 +72,10 @@ class TransportError(CronmeshError):
 
 class RemoteError(CronmeshError):
     """A peer answered with something we cannot use."""
+
+
+class RunRefusedError(RemoteError):
+    """An agent answered that it will not run an execution (it does not have it)."""
 
 
 class InvariantViolation(CronmeshError, AssertionError):

@@ -9,7 +9,11 @@ execution to its agent: this node's runner directly, other nodes over gRPC
 (`send_run`). The guards live in the state machine, so they hold however
 many callers race and across leader changes: a fire instant is accepted
 once, a dependent run once per parent group, and a `forbid` job with a
-running execution gets a 409.
+running execution gets a 409. An agent that answers a hand-over with no,
+or cannot be reached at all, gets its execution recorded failed; one that
+was reached but never answered may have taken it, so the execution stays
+running and `on_unanswered` passes it to the leader's liveness watch
+(core/liveness.py), where heartbeats settle it.
 
 After an execution ends (an `execution_done` event, seen on every server;
 only the leader acts) the dispatcher starts the next attempt of a failed
@@ -28,6 +32,7 @@ from datetime import UTC, datetime
 
 from cronmesh.core.commitlog import CommandLog
 from cronmesh.core.fsm import ApplyResult, Event, encode_command
+from cronmesh.core.liveness import VERDICT_HANDOVER
 from cronmesh.core.model import (
     CONCURRENCY_FORBID,
     Execution,
@@ -38,7 +43,13 @@ from cronmesh.core.model import (
 )
 from cronmesh.core.runner import Runner
 from cronmesh.core.targets import Candidate, parse_tags, select_targets
-from cronmesh.errors import ConflictError, CronmeshError, NotFoundError
+from cronmesh.errors import (
+    ConflictError,
+    CronmeshError,
+    NotFoundError,
+    RunRefusedError,
+    TransportError,
+)
 from cronmesh.storage.state import StateStore
 
 __all__ = ["Dispatcher", "FireOutcome"]
@@ -47,12 +58,17 @@ log = logging.getLogger("cronmesh.dispatcher")
 
 RETRY_INTERVAL = 0.5
 DEFAULT_BACKOFF_MAX = "1m"
-# A target that does not take its execution is asked again this often
-# before the execution is recorded as failed.
+# A target that does not take a hand-over is asked this often (an answered
+# "no" ends it at once); then see `_dispatch`.
 DISPATCH_ATTEMPTS = 3
 DISPATCH_PAUSE = 0.5
+# How a hand-over ended.
+_TAKEN = "taken"
+_REFUSED = "refused"
+_UNREACHED = "unreached"  # no attempt reached the agent (no address or link)
+_UNANSWERED = "unanswered"  # an attempt may have reached it; no answer came
 
-SendRun = Callable[[str, Job, Execution], Awaitable[None]]
+SendRun = Callable[[str, Job, Execution], Awaitable[object]]
 
 
 @dataclass
@@ -121,6 +137,12 @@ class Dispatcher:
         ]
         # Hands an execution to another node; None: everything runs here.
         self.send_run: SendRun | None = None
+        # Takes an execution whose hand-over got no answer at all (the agent
+        # may have it): it stays running and this decides its fate. None:
+        # it is recorded failed at once.
+        self.on_unanswered: Callable[[Execution], None] | None = None
+        # Ids of executions being handed over right now.
+        self.handing_over: set[str] = set()
         self.on_started: list[Callable[[Execution], None]] = []
         # Metrics hook: seconds from a fire instant to its start committed.
         self.observe_fire_lag: Callable[[float], None] = lambda seconds: None
@@ -250,7 +272,9 @@ class Dispatcher:
 
     async def _dispatch(self, job: Job, execution: Execution) -> None:
         """Hand a committed execution to its node; record it failed if the
-        node cannot be reached."""
+        node refuses it or cannot be reached, or leave it to `on_unanswered`
+        if it may have it but never answered."""
+        verdict = ""
         if execution.node_name == self.node_name or self.send_run is None:
             try:
                 await self.runner.accept(job, execution)
@@ -258,33 +282,80 @@ class Dispatcher:
             except CronmeshError as exc:
                 error = str(exc)
         else:
-            error = ""
-            for attempt in range(DISPATCH_ATTEMPTS):
-                try:
-                    await self.send_run(execution.node_name, job, execution)
-                    return
-                except CronmeshError as exc:
-                    error = str(exc)
-                    log.debug(
-                        "dispatch failed job=%s node=%s attempt=%d error=%s",
-                        job.name,
-                        execution.node_name,
-                        attempt + 1,
-                        exc,
-                    )
-                if attempt + 1 < DISPATCH_ATTEMPTS:
-                    await asyncio.sleep(DISPATCH_PAUSE)
+            error, outcome = await self._hand_over(job, execution)
+            if outcome == _TAKEN:
+                return
+            if outcome == _UNANSWERED and self.on_unanswered is not None:
+                # No answer is not "no": the agent may have the run (its
+                # replies were lost, or it was too busy to send them).
+                log.warning(
+                    "hand-over unanswered, run kept running until its agent "
+                    "settles it job=%s node=%s execution=%s error=%s",
+                    job.name,
+                    execution.node_name,
+                    execution.id,
+                    error,
+                )
+                self.on_unanswered(execution)
+                return
+            if outcome != _REFUSED:
+                # Never reached, so almost surely not started; should the
+                # agent report it after all, its report replaces this.
+                verdict = VERDICT_HANDOVER
         log.warning(
             "could not start execution job=%s node=%s error=%s",
             job.name,
             execution.node_name,
             error,
         )
-        # Limitation: if the agent took the run but its answer was lost, its
-        # own (later) report is refused as a duplicate of this failure.
         execution.finished_at = self.clock()
         execution.output = f"[cronmesh] not run: {error}\n"
+        execution.verdict = verdict
         await self.runner.report(execution)
+
+    async def _hand_over(self, job: Job, execution: Execution) -> tuple[str, str]:
+        """Send `execution` to its node, DISPATCH_ATTEMPTS times at most.
+
+        Returns ("", _TAKEN) when the agent took it (a repeated hand-over of
+        a run it has is answered, not started twice), or the last error and
+        _REFUSED (the agent answered no), _UNREACHED (no attempt reached
+        it) or _UNANSWERED (some attempt may have reached it, none got an
+        answer).
+        """
+        assert self.send_run is not None
+        self.handing_over.add(execution.id)
+        try:
+            return await self._hand_over_attempts(job, execution)
+        finally:
+            self.handing_over.discard(execution.id)
+
+    async def _hand_over_attempts(
+        self, job: Job, execution: Execution
+    ) -> tuple[str, str]:
+        assert self.send_run is not None
+        error, outcome = "", _UNREACHED
+        for attempt in range(DISPATCH_ATTEMPTS):
+            try:
+                await self.send_run(execution.node_name, job, execution)
+                return "", _TAKEN
+            except RunRefusedError as exc:
+                # A clear no: the agent does not run it (it checks what it
+                # has before it refuses).
+                return str(exc), _REFUSED
+            except CronmeshError as exc:
+                error = str(exc)
+                if not isinstance(exc, TransportError):
+                    outcome = _UNANSWERED  # a timeout: it may have arrived
+                log.debug(
+                    "dispatch failed job=%s node=%s attempt=%d error=%s",
+                    job.name,
+                    execution.node_name,
+                    attempt + 1,
+                    exc,
+                )
+            if attempt + 1 < DISPATCH_ATTEMPTS:
+                await asyncio.sleep(DISPATCH_PAUSE)
+        return error, outcome
 
     def on_event(self, event: Event) -> None:
         """FSM listener: retries and dependent jobs after an execution ends."""
@@ -294,6 +365,9 @@ class Dispatcher:
         assert execution is not None
         job = self.store.get_job(event.job)
         if job is None:
+            return
+        if event.extra.get("replaced_verdict") and not execution.success:
+            # The leader's hand-over verdict already started the retry.
             return
         if not execution.success and execution.attempt < job.retries + 1:
             elapsed = (self.clock() - execution.started_at).total_seconds()

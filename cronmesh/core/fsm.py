@@ -29,6 +29,7 @@ from typing import Any
 
 import lmdb
 
+from cronmesh.core.liveness import VERDICT_HANDOVER
 from cronmesh.core.model import (
     STATUS_FAILED,
     STATUS_PARTIALLY_FAILED,
@@ -536,10 +537,13 @@ class StateMachine:
                 f"execution {execution.id} is not a run of job {job.name!r} "
                 "(was the job deleted while it ran?)",
             )
-        if not stored.running:
+        replaces = not stored.running and _replaces_verdict(stored, execution)
+        if not stored.running and not replaces:
             # Reported twice (a retry after a lost ack): count it once.
             return ApplyResult(value=stored, code=208)
         runtime = view.runtime(job.name)
+        if replaces:
+            self._uncount_verdict(job, runtime, stored)
         execution.output = trim_text(execution.output, self.max_output)
         view.put_execution(execution)
         self._count(job, runtime, execution)
@@ -559,12 +563,25 @@ class StateMachine:
                 "execution_done",
                 job.name,
                 execution=execution,
-                extra={"group_status": job.status},
+                extra={"group_status": job.status, "replaced_verdict": replaces},
             )
         )
         if deleted:
             events.append(Event("job_deleted", job.name, previous=job))
         return ApplyResult(value=execution)
+
+    def _uncount_verdict(
+        self, job: Job, runtime: dict[str, Any], stored: Execution
+    ) -> None:
+        """Take back what a leader's hand-over verdict counted (one failure).
+
+        Limitation: `last_error` keeps the verdict's time, and when a retry
+        already replaced the verdict in the group tally the tally may count
+        one failure too few until the group's next result.
+        """
+        job.error_count = max(0, job.error_count - 1)
+        if runtime.get("group") == stored.group and runtime.get("fail", 0) > 0:
+            runtime["fail"] -= 1
 
     def _executions_done(
         self, view: StateView, cmd: dict[str, Any], events: list[Event]
@@ -638,6 +655,26 @@ class StateMachine:
         view.put_runtime(name, runtime)
         log.debug("deleted executions job=%s count=%d", name, removed)
         return ApplyResult(value=job)
+
+
+def _replaces_verdict(stored: Execution, report: Execution) -> bool:
+    """May `report` replace the finished `stored` execution?
+
+    The rule: a result is final once an agent reported it. A failure the
+    leader recorded on its own is final too, except one with the verdict
+    VERDICT_HANDOVER: the leader never heard whether the agent took the run
+    (its hand-over got no answer), so the agent may have run it after all.
+    Then the agent's own report replaces that failure, once: the report
+    must name the same node, carry no verdict itself (a second verdict, or
+    any other leader's guess, never overwrites anything) and, being stored
+    without a verdict, is final. So a stale or repeated report can never
+    overwrite a result an agent reported.
+    """
+    return (
+        stored.verdict == VERDICT_HANDOVER
+        and not report.verdict
+        and report.node_name == stored.node_name
+    )
 
 
 def _exec_key(execution: Execution) -> bytes:

@@ -398,6 +398,10 @@ class Execution:
     # and what started it ("schedule", "manual", "retry", "dependent").
     scheduled_at: datetime | None = None
     trigger: str = "schedule"
+    # Ours: "" when the agent reported the result; "handover" when the
+    # leader failed the run while its hand-over was unanswered (the agent's
+    # own later report may then replace it, see core/fsm.py).
+    verdict: str = ""
 
     @property
     def id(self) -> str:
@@ -427,6 +431,8 @@ class Execution:
             "scheduled_at": format_time(self.scheduled_at),
             "trigger": self.trigger,
         }
+        if self.verdict:
+            data["verdict"] = self.verdict
         if with_output:
             data["output"] = self.output
         return data
@@ -447,6 +453,7 @@ class Execution:
             output=data.get("output", ""),
             scheduled_at=parse_time(data.get("scheduled_at"), "scheduled_at"),
             trigger=data.get("trigger", "schedule"),
+            verdict=str(data.get("verdict", "")),
         )
 
 

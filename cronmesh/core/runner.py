@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +45,10 @@ __all__ = ["LiveExecution", "Runner"]
 log = logging.getLogger("cronmesh.runner")
 
 REPORT_RETRY_MAX = 5.0
+# Ids of executions that ended here, remembered so a repeated hand-over of
+# one (the leader lost the answer and asks again) starts nothing after its
+# result left the outbox.
+RECENTLY_ENDED = 4096
 # Results per executions_done command (keeps one log entry well under 4 MB).
 MAX_REPORT_BATCH = 64
 # Report batches on their way to the leader at once, per node.
@@ -86,6 +91,9 @@ class Runner:
         self.live: dict[str, LiveExecution] = {}
         # Results written to the outbox and not yet committed by a leader.
         self.unreported: dict[str, Execution] = {}
+        # Limitation: kept in memory only; a hand-over repeated across a
+        # restart of this agent, after the result was delivered, runs again.
+        self.ended: OrderedDict[str, None] = OrderedDict()
         self.retry_delay = 0.5
         # Seconds between SIGTERM and SIGKILL for orphans found at restart.
         self.orphan_grace = ORPHAN_GRACE
@@ -103,16 +111,26 @@ class Runner:
 
         Returns True when this call started it.
         """
-        if execution.id in self.live or execution.id in self.unreported:
+        if self.has(execution.id):
             return False
         if self.outbox is not None:
-            if execution.id in self.outbox:
-                return False
             await self.outbox.put_running(execution, job.to_json())
             if execution.id in self.live:  # a concurrent hand-over won
                 return False
         self.start(job, execution)
         return True
+
+    def has(self, exec_id: str) -> str:
+        """What this node has of an execution: "running", "done" (result
+        kept or being reported), or "" (nothing)."""
+        live = self.live.get(exec_id)
+        if live is not None and not live.finished:
+            return "running"
+        if live is not None or exec_id in self.unreported or exec_id in self.ended:
+            return "done"
+        if self.outbox is not None and exec_id in self.outbox:
+            return "running"
+        return ""
 
     def start(self, job: Job, execution: Execution) -> LiveExecution:
         """Run `execution` in the background (its outbox record, if any, is
@@ -238,6 +256,9 @@ class Runner:
                     exc,
                 )
         self.unreported[execution.id] = execution
+        self.ended[execution.id] = None
+        while len(self.ended) > RECENTLY_ENDED:
+            self.ended.popitem(last=False)
         for callback in self.on_finished:
             callback(execution)
         task = asyncio.create_task(self._report_and_forget(execution))

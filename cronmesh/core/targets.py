@@ -3,8 +3,10 @@
 A job's tags select nodes. Each tag `key: value` must be present with that
 value on a node; a value may end in `:N` to run on at most N of the
 matching nodes, picked at random (with several such tags the smallest N
-counts). Only alive members of the leader's region qualify. A job without
-tags runs on every alive node of the region.
+counts). Only alive members of the leader's region qualify, and not one
+that is draining (stopping: it gossips the tag `draining: true` and takes
+no new runs), so N is picked among the others. A job without tags runs on
+every alive node of the region.
 
 The randomness is passed in, so the choice is reproducible in tests.
 """
@@ -15,7 +17,10 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Candidate", "parse_tags", "select_targets"]
+__all__ = ["DRAINING_TAG", "Candidate", "parse_tags", "select_targets"]
+
+# The tag a stopping node gossips; its value is "true".
+DRAINING_TAG = "draining"
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,9 @@ def select_targets(
 ) -> tuple[list[str], str]:
     """The names of the nodes to run on, sorted, and why none ("" if some)."""
     bare, count = parse_tags(tags)
-    alive = [m for m in members if m.status == "alive"]
+    alive = [
+        m for m in members if m.status == "alive" and m.tags.get(DRAINING_TAG) != "true"
+    ]
     in_region = [m for m in alive if m.tags.get("region") == region]
     matching = [
         m for m in in_region if all(m.tags.get(k) == v for k, v in bare.items())

@@ -15,12 +15,14 @@ class RunRequest(_message.Message):
     def __init__(self, job: _Optional[bytes] = ..., execution: _Optional[bytes] = ...) -> None: ...
 
 class RunReply(_message.Message):
-    __slots__ = ("accepted", "error")
+    __slots__ = ("accepted", "error", "state")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     error: str
-    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    state: str
+    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class KillRequest(_message.Message):
     __slots__ = ("execution_id",)

@@ -23,7 +23,7 @@ import grpc
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult
 from cronmesh.core.output import OutputFollower
-from cronmesh.errors import CronmeshError
+from cronmesh.errors import CronmeshError, RunRefusedError, TransportError
 from cronmesh.rpc import agent_pb2, agent_pb2_grpc, raft_pb2, raft_pb2_grpc
 from cronmesh.rpc.tls import RpcSecurity
 
@@ -87,7 +87,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def __init__(
         self,
-        run: Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]],
+        run: Callable[[dict[str, Any], dict[str, Any]], Awaitable[str]],
         kill: Callable[[str], bool],
         output: Callable[[str, int], tuple[bytes, int, bool] | None],
     ) -> None:
@@ -98,13 +98,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def AgentRun(
         self, request: agent_pb2.RunRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RunReply:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # The leader stopped waiting: it may judge the run by this
+            # node's heartbeats now, so a late hand-over must start nothing.
+            return agent_pb2.RunReply(
+                accepted=False, error="the hand-over arrived after its deadline"
+            )
         try:
             job = json.loads(request.job)
             execution = json.loads(request.execution)
-            await self._run(job, execution)
+            state = await self._run(job, execution)
         except (ValueError, KeyError, TypeError, CronmeshError) as exc:
             return agent_pb2.RunReply(accepted=False, error=str(exc))
-        return agent_pb2.RunReply(accepted=True)
+        return agent_pb2.RunReply(accepted=True, state=state)
 
     async def Kill(
         self, request: agent_pb2.KillRequest, context: grpc.aio.ServicerContext
@@ -179,11 +186,14 @@ class AgentClient:
     def _stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         return agent_pb2_grpc.AgentStub(self.channels.get(address))
 
-    async def run(self, address: str, job: bytes, execution: bytes) -> None:
-        """Hand an execution to the agent at `address`.
+    async def run(self, address: str, job: bytes, execution: bytes) -> str:
+        """Hand an execution to the agent at `address`: "started", or
+        "running"/"done" when an earlier hand-over already started it.
 
         Raises:
-            CronmeshError: the agent refused it or could not be reached.
+            RunRefusedError: the agent answered that it does not run it.
+            TransportError: no connection to the agent.
+            CronmeshError: no answer in time (the agent may have it).
         """
         try:
             reply = await self._stub(address).AgentRun(
@@ -191,11 +201,20 @@ class AgentClient:
                 timeout=CALL_TIMEOUT,
             )
         except grpc.aio.AioRpcError as exc:
-            raise CronmeshError(
+            # UNAVAILABLE: no connection (or it broke), so the request most
+            # likely never arrived; any other code, a deadline above all, may
+            # come after the agent got it.
+            error = (
+                TransportError
+                if exc.code() == grpc.StatusCode.UNAVAILABLE
+                else CronmeshError
+            )
+            raise error(
                 f"agent at {address} unreachable: {exc.code().name} {exc.details()}"
             ) from exc
         if not reply.accepted:
-            raise CronmeshError(f"agent at {address} refused the run: {reply.error}")
+            raise RunRefusedError(f"agent at {address} refused the run: {reply.error}")
+        return reply.state or "started"
 
     async def kill(self, address: str, exec_id: str) -> bool:
         try:
