@@ -42,6 +42,38 @@ def test_a_second_open_of_the_data_dir_is_refused(tmp_path: Path) -> None:
     DataDir(tmp_path / "d").close()
 
 
+def test_unsynced_writes_are_visible_at_once_and_made_durable_later(
+    tmp_path: Path,
+) -> None:
+    data = DataDir(tmp_path / "d")
+    table = data.db("t")
+
+    def put(key: bytes) -> None:
+        data.write(lambda txn: txn.put(key, b"v", db=table))
+
+    def keys() -> list[bytes]:
+        with data.read() as txn:
+            return [k for k, _ in txn.cursor(db=table)]
+
+    put(b"a")
+    assert data.unsynced_writes == 0
+    with data.unsynced():
+        put(b"b")
+        put(b"c")
+    assert keys() == [b"a", b"b", b"c"] and data.unsynced_writes == 2
+    data.flush()
+    assert data.unsynced_writes == 0
+    with data.unsynced():
+        put(b"d")
+    put(b"e")  # a synced write makes the earlier ones durable too
+    assert data.unsynced_writes == 0
+    data.close()
+    data = DataDir(tmp_path / "d")
+    table = data.db("t")
+    assert keys() == [b"a", b"b", b"c", b"d", b"e"]
+    data.close()
+
+
 def test_the_map_grows_instead_of_failing(tmp_path: Path) -> None:
     data = DataDir(tmp_path / "d", map_size=1 << 20)
     fsm = StateMachine(StateStore(data), max_output=200_000)

@@ -11,6 +11,22 @@ transaction in the process while the map is resized, and one thread is the
 simplest way to guarantee that. A commit with fsync costs about half a
 millisecond on a fast disk, but 8-12 ms on the 2-core VM of docs/benchmarks.md
 under load; the loop can afford it because callers batch their writes.
+
+Durability. LMDB is opened with ``MDB_NOMETASYNC``: a commit fsyncs the data
+pages it wrote and then writes the meta page (the one that makes the
+transaction current) without an fsync of its own. ``write`` follows every
+commit with ``env.sync``, which fsyncs that meta page, so a write returns
+durable exactly as with LMDB's default flags (data fsync, then meta fsync).
+Inside ``unsynced()`` the second fsync is left out: such a transaction is
+atomic and visible at once, survives the process being killed (the page
+cache keeps it), and becomes durable with the next synced write (LMDB's
+transactions are sequential, so a durable meta page covers every earlier
+transaction) or the next ``flush``; a power loss before that undoes it,
+and only it and the unsynced ones after it, never leaving a half-written
+database (the data pages were fsynced before the meta page was written).
+Only writes that can be redone from something durable may use it: the
+Raft driver applies committed entries that way, since a lost apply is
+replayed from the (durable) log on restart.
 """
 
 from __future__ import annotations
@@ -59,11 +75,16 @@ class DataDir:
                 lock=True,
                 # The lock file above already keeps other agents out.
                 max_readers=256,
+                # write() fsyncs the meta page itself (see the docstring).
+                metasync=False,
             )
         except lmdb.Error as exc:
             self._release_lock()
             raise StorageError(f"cannot open LMDB in {self.path}: {exc}") from exc
         self._dbs: dict[str, lmdb._Database] = {}
+        self._sync = True  # write() makes its commit durable (not in unsynced())
+        # A write committed without its meta fsync since the last durable one.
+        self.unsynced_writes = 0
 
     def _take_lock(self) -> int:
         lock_path = self.path / "LOCK"
@@ -107,12 +128,20 @@ class DataDir:
         side effects outside the transaction.
 
         Raises:
-            StorageError: the disk is full or LMDB failed; nothing was written.
+            StorageError: the disk is full or LMDB failed; nothing was written
+                (or, when only the final fsync failed, the transaction is
+                visible but maybe not durable).
         """
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    return fn(txn)
+                    result = fn(txn)
+                if self._sync:
+                    self.env.sync(True)
+                    self.unsynced_writes = 0
+                else:
+                    self.unsynced_writes += 1
+                return result
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.DiskError as exc:
@@ -126,6 +155,34 @@ class DataDir:
                         f"disk full writing {self.path}: nothing was written"
                     ) from exc
                 raise StorageError(f"LMDB error in {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def unsynced(self) -> Iterator[None]:
+        """Let the writes inside commit without the meta page's fsync.
+
+        Use only for writes that are redone from durable data after a power
+        loss (see the module docstring); ``flush`` makes them durable.
+        """
+        was, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = was
+
+    def flush(self) -> None:
+        """Make every committed write durable (one fsync; nothing when none
+        is pending).
+
+        Raises:
+            StorageError: the fsync failed.
+        """
+        if not self.unsynced_writes:
+            return
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise StorageError(f"fsync of {self.path} failed: {exc}") from exc
+        self.unsynced_writes = 0
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"] * 2

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +111,65 @@ def test_followers_apply_in_the_transaction_that_stores_the_next_entry(
                 if new[0] > old[0] and new[1] > old[1]
             ]
             assert both, node.commits
+
+    try:
+        run(scenario)
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+def test_a_lone_proposal_goes_out_at_once_and_its_apply_is_synced_on_a_tick(
+    tmp_path: Path,
+) -> None:
+    nodes = {name: Node(name, tmp_path, seed) for seed, name in enumerate(NAMES)}
+    gathers = {name: 0 for name in NAMES}
+    for name, node in nodes.items():
+        real = node.driver._gather
+
+        async def counted(loop: Any, name: str = name, real: Any = real) -> None:
+            gathers[name] += 1
+            await real(loop)
+
+        node.driver._gather = counted  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        for node in nodes.values():
+            node.driver.send = lambda msg: nodes[msg.to].driver.deliver(msg)
+            node.driver.bootstrap(set(NAMES))
+            node.driver.start()
+        leader = await leader_of(nodes)
+        name = leader.driver.node_id
+        for i in range(20):
+            assert (await leader.driver.propose(encode_command("noop", i=i))).ok
+            # Answered after an apply whose meta page is not fsynced yet.
+            assert leader.data.unsynced_writes > 0
+        assert gathers[name] == 0
+        # The next tick makes every server's applies durable.
+        await settle(nodes, leader.storage.log.last_index())
+        while any(n.data.unsynced_writes for n in nodes.values()):
+            await asyncio.sleep(0.01)
+        # Proposals that come while another waits for its commit are gathered:
+        # hold the leader's messages so that the first one stays uncommitted.
+        held: list[Message] = []
+        leader.driver.send = held.append
+        first = asyncio.ensure_future(leader.driver.propose(encode_command("noop")))
+        while not held:
+            await asyncio.sleep(0.001)
+        more = [
+            asyncio.ensure_future(leader.driver.propose(encode_command("noop", k=k)))
+            for k in range(8)
+        ]
+        while gathers[name] == 0:
+            await asyncio.sleep(0.001)
+        leader.driver.send = lambda msg: nodes[msg.to].driver.deliver(msg)
+        for msg in held:
+            leader.driver.send(msg)
+        results = await asyncio.gather(first, *more)
+        assert all(r.ok for r in results)
+        assert gathers[name] > 0
+        for node in nodes.values():
+            await node.driver.stop()
 
     try:
         run(scenario)
@@ -247,3 +311,97 @@ def test_a_closed_receiver_ends_the_streams_that_peers_opened() -> None:
                 await sender.close()
 
     run(scenario)
+
+
+# -- kill -9 of a server whose applies are not fsynced on their own
+
+CRASHING_SERVER = """
+import asyncio, json, os, sys
+from cronmesh.core.fsm import StateMachine, encode_command
+from cronmesh.raft.driver import RaftDriver, RaftSettings
+from cronmesh.storage.env import DataDir
+from cronmesh.storage.raftlog import LmdbRaftStorage
+from cronmesh.storage.state import StateStore
+
+async def main() -> None:
+    path, life, report = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    data = DataDir(path)
+    fsm = StateMachine(StateStore(data))
+    settings = RaftSettings(tick=0.01)
+    driver = RaftDriver("n1", LmdbRaftStorage(data), fsm, settings=settings)
+    if not driver.has_state():
+        driver.bootstrap({"n1"})
+    driver.start()
+    while not driver.is_leader() or fsm.store.applied_index() < driver.node.commit:
+        await asyncio.sleep(0.005)
+    out = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    jobs = sorted(j.name for j in fsm.store.list_jobs())
+    os.write(out, (json.dumps(["ready", jobs]) + "\\n").encode())
+    sys.stdout.write("ready\\n")
+    sys.stdout.flush()
+    for i in range(100000):
+        name = f"life{life}-{i}"
+        job = {"name": name, "schedule": "@every 1m", "executor": "shell",
+               "executor_config": {"command": "true"}}
+        result = await driver.propose(encode_command("set_job", job=job))
+        # Acknowledged: the proposer's answer has been given. How many
+        # applies since the last fsync of the meta page goes with it.
+        line = ["acked", name, result.code or 0, data.unsynced_writes]
+        os.write(out, (json.dumps(line) + "\\n").encode())
+
+asyncio.run(main())
+"""
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_bytes().count(b"\n") > count:
+            return
+        time.sleep(0.002)
+
+
+def test_kill_9_keeps_every_acknowledged_write_applied(tmp_path: Path) -> None:
+    """A single server acknowledges each write after an apply committed
+    without its own fsync; kill -9 at random moments, restart, and every
+    acknowledged write is in the state (replayed from the log if needed)."""
+    rng = random.Random(20261204)
+    path = tmp_path / "server"
+    acked: set[str] = set()
+    unsynced_at_ack = 0
+    for life in range(5):
+        report = tmp_path / f"life-{life}.out"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CRASHING_SERVER, str(path), str(life), str(report)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()  # "ready", or nothing if the child failed
+        # Kill after some acknowledged writes (however loaded the machine
+        # is), at a random moment of the next ones.
+        wait_for_lines(report, rng.randint(5, 60), proc)
+        time.sleep(rng.uniform(0.0, 0.01))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+        text = report.read_text().splitlines()
+        lines = [json.loads(x) for x in text if x.endswith("]")]  # not cut short
+        assert lines and lines[0][0] == "ready", (life, lines[:1])
+        # Everything acknowledged in earlier lives is there after a restart.
+        assert acked <= set(lines[0][1]), sorted(acked - set(lines[0][1]))[:5]
+        for word, name, code, unsynced in lines[1:]:
+            assert (word, code) == ("acked", 201), (name, code)
+            acked.add(name)
+            unsynced_at_ack += unsynced > 0
+        # Reopened cold: state and applied index agree, never ahead of the log.
+        data = DataDir(path)
+        try:
+            storage, store = LmdbRaftStorage(data), StateStore(data)
+            assert store.applied_index() <= storage.log.last_index()
+        finally:
+            data.close()
+    print(f"acknowledged {len(acked)}, {unsynced_at_ack} before the meta fsync")
+    assert len(acked) >= 5 * 5, len(acked)
+    # The answers really were given before the apply's meta fsync.
+    assert unsynced_at_ack > len(acked) // 2, (unsynced_at_ack, len(acked))
