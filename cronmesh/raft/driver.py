@@ -8,7 +8,7 @@ machine, answer the proposers whose entries were applied, and `advance`.
 Everything that arrived while a Ready was being handled waits for the next
 turn, so concurrent proposals share an fsync.
 
-Two shortcuts keep fsyncs and waiting off the commit path:
+Three shortcuts keep fsyncs and waiting off the commit path:
 
 - A Ready that has entries to persist and entries to apply writes both in
   ONE LMDB transaction (one fsync instead of two): a follower applies what
@@ -22,6 +22,9 @@ Two shortcuts keep fsyncs and waiting off the commit path:
   commit only once it is durable (`advance`), so this is safe. Only done
   when the Ready changes no term or vote; every other message (votes,
   answers to the leader) is sent only after the persist.
+- An apply that goes alone (the leader's, once an answer committed its
+  entries) skips the fsync of LMDB's meta page (`_apply` says why that is
+  safe); the next synced write or tick makes it durable.
 
 The driver is also the node's `CommandLog`: `propose` on the leader appends
 and waits for the entry to be applied here; on a follower it forwards the
