@@ -178,6 +178,35 @@ def test_a_lone_proposal_goes_out_at_once_and_its_apply_is_synced_on_a_tick(
             node.close()
 
 
+def test_a_single_voter_gathers_even_sequential_proposals(tmp_path: Path) -> None:
+    # Its commits finish within the turn, so "something is pending" never
+    # tells it a burst is under way: it keeps waiting for company.
+    node = Node("a", tmp_path, 1)
+    gathers = 0
+    real = node.driver._gather
+
+    async def counted(loop: Any) -> None:
+        nonlocal gathers
+        gathers += 1
+        await real(loop)
+
+    node.driver._gather = counted  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        node.driver.bootstrap({"a"})
+        node.driver.start()
+        await leader_of({"a": node})
+        for i in range(5):
+            assert (await node.driver.propose(encode_command("noop", i=i))).ok
+        assert gathers == 5
+        await node.driver.stop()
+
+    try:
+        run(scenario)
+    finally:
+        node.close()
+
+
 def test_a_restarted_cluster_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     nodes = {name: Node(name, tmp_path, seed) for seed, name in enumerate(NAMES)}
     acked: list[int] = []
