@@ -483,12 +483,12 @@ class RaftDriver:
         to a power loss, never mix them). Every entry applied here is in
         the durable log of a majority (it is committed) and of this server
         (`_handle` persists a Ready before it applies), so a lost apply is
-        redone on restart: `start` resumes from the applied index on disk and the core
-        hands the later entries to the state machine again. The proposer's
-        answer depends only on the commit and on the result, which the
-        replay computes again identically. A kill -9 loses nothing (the page
-        cache keeps the transaction); the next synced write, or the next
-        tick's `flush`, makes it durable.
+        redone on restart: `start` resumes from the applied index on disk
+        and the core hands the later entries to the state machine again.
+        The proposer's answer depends only on the commit and on the result,
+        which the replay computes again identically. A kill -9 loses
+        nothing (the page cache keeps the transaction); the next synced
+        write, or the next tick's `flush`, makes it durable.
         Limitation: a power loss within that tick re-applies the lost
         entries at restart, so state machine listeners see their events a
         second time (as after any crash between a persist and its apply).
