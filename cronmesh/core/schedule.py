@@ -134,7 +134,9 @@ def load_zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
-        raise ScheduleError(f"unknown time zone '{name}'", field="timezone") from exc
+        raise ScheduleError(
+            f"timezone: unknown time zone '{name}'", field="timezone"
+        ) from exc
 
 
 def _local_zone() -> ZoneInfo:
@@ -876,7 +878,17 @@ def parse_schedule(expr: str, timezone: str = "", job_name: str = "") -> Schedul
     if not text:
         raise ScheduleError("schedule is empty", field="schedule")
     name = job_name if "~" in text else ""
-    return _parse_cached(expr.strip(), text, load_zone(timezone), name)
+    try:
+        zone = load_zone(timezone)
+    except ScheduleError as exc:
+        if prefix is None:
+            raise
+        # The zone came from the schedule's own prefix: name that field.
+        raise ScheduleError(
+            f"schedule: unknown time zone '{timezone}' in the TZ= prefix",
+            field="schedule",
+        ) from exc
+    return _parse_cached(expr.strip(), text, zone, name)
 
 
 @functools.lru_cache(maxsize=4096)
