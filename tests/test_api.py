@@ -288,6 +288,17 @@ def test_restore_is_all_or_nothing(agent: AgentProcess) -> None:
     refused = agent.http.post("/v1/restore", files={"file": json.dumps(missing)})
     assert refused.status_code == 400 and "'nobody'" in refused.json()["error"]
     assert agent.http.get("/v1/jobs/kid").status_code == 404
+    # A rejected job's executions and last fire add no follow-on errors.
+    backup = {
+        "cronmesh_backup": 1,
+        "jobs": [{**shell_job("b1", "true"), "schedule": "nope"}],
+        "last_fire": {"b1": "2026-01-01T00:00:00Z"},
+        "executions": {"b1": []},
+    }
+    refused = agent.http.post("/v1/restore", files={"file": json.dumps(backup)})
+    assert refused.status_code == 400
+    assert [r["name"] for r in refused.json()["jobs"]] == ["b1"]
+    assert "schedule" in refused.json()["jobs"][0]["error"]
 
 
 def test_hostile_input_found_by_adversarial_testing(agent: AgentProcess) -> None:

@@ -218,12 +218,15 @@ def _check(
         )
 
     jobs: dict[str, dict[str, Any]] = {}
+    refused: set[Any] = set()  # names of jobs rejected above: no follow-on errors
     for position, item in enumerate(content.jobs):
         try:
             job = validate(item, keep_runtime=True)
         except ValidationError as exc:
             name = item.get("name") if isinstance(item, dict) else None
             reject(position, name, str(exc))
+            if isinstance(name, str):
+                refused.add(name)
             continue
         if job.name in jobs:
             reject(position, job.name, "appears more than once in the file")
@@ -233,10 +236,14 @@ def _check(
         reject(None, name, problem)
     executions: list[dict[str, Any]] = []
     for name, items in content.executions.items():
+        if name in refused:
+            continue
         problem = _check_executions(name, items, jobs, executions)
         if problem:
             reject(None, name, problem)
     for name, value in content.last_fire.items():
+        if name in refused:
+            continue
         try:
             if name not in jobs:
                 raise ValidationError(f"last_fire: job {name!r} is not in the file")
