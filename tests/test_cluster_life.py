@@ -132,6 +132,9 @@ def test_remove_peer_through_a_follower_and_health_without_a_leader(
     health = leader.http.get("/health").json()
     assert health["status"] == "unhealthy" and health["leader"] is False
     assert any("no raft leader" in issue for issue in health["issues"])
+    listed = raft_cli("list-peers", "--address", leader.url)
+    assert listed.returncode == 0, listed.stderr
+    assert "no leader" in listed.stderr and leader.name in listed.stdout
 
 
 # -- in process: the transport refuses another cluster's messages -------------

@@ -483,7 +483,8 @@ def test_tz_prefix_is_kept_in_expr_and_sets_the_zone() -> None:
 
 
 def test_tz_prefix_with_an_unknown_zone() -> None:
-    with pytest.raises(ScheduleError, match="unknown time zone 'Mars/Base'") as prefixed:
+    unknown = "unknown time zone 'Mars/Base'"
+    with pytest.raises(ScheduleError, match=unknown) as prefixed:
         parse_schedule("TZ=Mars/Base 0 0 9 * * *", "UTC")
     # The zone came from the schedule, so the error names that field.
     assert prefixed.value.field == "schedule"

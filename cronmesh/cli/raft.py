@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +57,13 @@ def list_peers(
         print_json(rows)
     else:
         out.print(_table(rows))
+        if rows and not any(row.get("State") == "leader" for row in rows):
+            # The table is this server's view of the configuration; without a
+            # leader its "follower" rows say nothing about who is alive.
+            sys.stderr.write(
+                "cronmesh: warning: no leader: a majority of the servers may be "
+                "down; a blank Address is a server the mesh does not see\n"
+            )
 
 
 @app.command("remove-peer")
