@@ -78,6 +78,10 @@ from cronmesh.systemd import Notifier, Phase
 
 __all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
 
+# A non-server agent whose heartbeats no leader took for this long says so in
+# /health (three heartbeat periods: an election takes about one second).
+LEADER_SILENCE = 3 * HEARTBEAT_INTERVAL
+
 # Tags the agent sets itself; `--tag` may not set them.
 RESERVED_TAGS = (
     "dc",
@@ -276,6 +280,8 @@ class Agent:
             self._stop_runs_of_deleted_job,
         ]
         self.paused = False
+        # When a leader last took this node's heartbeat (a non-server's /health).
+        self._leader_heard = time.monotonic()
         self.http_host, self.http_port = parse_addr(config.http_addr, 8080, "http-addr")
         self._stop = asyncio.Event()
         self._server: uvicorn.Server | None = None
@@ -324,6 +330,13 @@ class Agent:
         found = [self.name_conflict] if self.name_conflict else []
         if self.cluster is not None:
             found += self.cluster.problems()
+        else:
+            silent = time.monotonic() - self._leader_heard
+            if silent > LEADER_SILENCE:
+                found.append(
+                    f"no leader reached for {silent:.0f}s: this agent gets no runs "
+                    "and its results wait in its outbox"
+                )
         return found
 
     def leader_name(self) -> str | None:
@@ -844,6 +857,7 @@ class Agent:
             except CronmeshError as exc:
                 log.debug("heartbeat not delivered error=%s", exc)
                 continue
+            self._leader_heard = time.monotonic()
             for entry in finished:
                 exec_id = entry.partition("/")[2]
                 if self.runner.kill(exec_id):

@@ -58,6 +58,15 @@ def test_members_see_each_other_and_a_killed_one_fails(agent_factory: Any) -> No
     assert nodes[2].stop() == 0
     for node in nodes[:2]:
         node.wait_for("a3 left", lambda n=node: statuses(n)["a3"] == "left", 20)
+    # A mesh without servers: no leader takes these agents' heartbeats, and
+    # their /health says so (they could get no run).
+    nodes[0].wait_for(
+        "health without a leader",
+        lambda: nodes[0].http.get("/health").status_code == 503,
+        20,
+    )
+    (issue,) = nodes[0].http.get("/health").json()["issues"]
+    assert issue.startswith("no leader reached for")
 
 
 def test_wrong_key_is_not_admitted_and_rotation_needs_no_downtime(
