@@ -146,6 +146,8 @@ class Scheduler:
                 self._load(job, changed=True)
         elif event.kind == "job_deleted":
             self.entries.pop(event.job, None)
+            self._waiting.pop(event.job, None)
+            self._added.pop(event.job, None)
         else:
             return
         self._wake.set()
