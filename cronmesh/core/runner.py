@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cronmesh.core.commitlog import CommandLog
+from cronmesh.core.commitlog import MAX_COMMAND_BYTES, CommandLog
 from cronmesh.core.executors import Executor, OutputBuffer, get_executor
 from cronmesh.core.fsm import encode_command
 from cronmesh.core.model import Execution, Job, format_time
@@ -37,6 +38,7 @@ from cronmesh.core.orphans import (
     find_orphans,
     stop_orphans,
 )
+from cronmesh.core.output import trim_text
 from cronmesh.errors import CronmeshError
 from cronmesh.storage.outbox import Outbox, OutboxRecord
 
@@ -53,6 +55,10 @@ RECENTLY_ENDED = 4096
 MAX_REPORT_BATCH = 64
 # Report batches on their way to the leader at once, per node.
 REPORT_PIPELINE = 2
+# Bytes of output per batch, counted as the command carries them: JSON
+# escapes a control or non-ASCII character into up to 12 bytes, and a
+# command over MAX_COMMAND_BYTES is refused (retried for ever, it would hold
+# one of the REPORT_PIPELINE places for good).
 MAX_REPORT_BYTES = 1 << 20
 
 
@@ -293,7 +299,7 @@ class Runner:
         while self._batch and self._delivering < REPORT_PIPELINE:
             size = count = 0
             for execution, _ in self._batch:
-                size += len(execution.output)
+                size += _encoded_len(execution.output)
                 if count and (count >= MAX_REPORT_BATCH or size > MAX_REPORT_BYTES):
                     break
                 count += 1
@@ -325,8 +331,24 @@ class Runner:
                 asyncio.get_running_loop().call_soon(self._send_batch)
 
     async def report(self, execution: Execution) -> None:
-        """Propose `execution_done` until a leader takes it."""
+        """Propose `execution_done` until a leader takes it.
+
+        An output that makes the command too large for a log entry (a large
+        `max_output` of escaped characters) is cut, keeping its end, until
+        it fits: retrying a command Raft refuses would never end.
+        """
         payload = encode_command("execution_done", execution=execution.to_json())
+        while len(payload) > MAX_COMMAND_BYTES and execution.output:
+            keep = len(execution.output.encode("utf-8", "surrogatepass")) // 2
+            log.info(
+                "report too large, output cut execution=%s bytes=%d keep=%d",
+                execution.id,
+                len(payload),
+                keep,
+            )
+            shorter = trim_text(execution.output, keep)
+            execution.output = shorter if len(shorter) < len(execution.output) else ""
+            payload = encode_command("execution_done", execution=execution.to_json())
         await self._propose_until_taken(payload, execution.id)
 
     async def _propose_until_taken(self, payload: bytes, what: str) -> None:
@@ -444,3 +466,8 @@ class Runner:
             )
         for task in list(self._reports):
             task.cancel()
+
+
+def _encoded_len(text: str) -> int:
+    """Bytes `text` takes in a command (encode_command's JSON, escaped)."""
+    return len(json.dumps(text))
