@@ -143,14 +143,27 @@ class Scheduler:
         if event.kind == "job_set":
             job = self.store.get_job(event.job)
             if job is not None:
+                previous = event.previous
+                if previous is None or (previous.schedule, previous.timezone) != (
+                    job.schedule,
+                    job.timezone,
+                ):
+                    self._drop_waiting(event.job)
                 self._load(job, changed=True)
         elif event.kind == "job_deleted":
             self.entries.pop(event.job, None)
-            self._waiting.pop(event.job, None)
-            self._added.pop(event.job, None)
+            self._drop_waiting(event.job)
         else:
             return
         self._wake.set()
+
+    def _drop_waiting(self, name: str) -> None:
+        """Forget the waiting fires of a deleted job, or of an edited job's
+        old schedule: it starts from now on its new one (see `_load`)."""
+        dropped = self._waiting.pop(name, None)
+        self._added.pop(name, None)
+        if dropped:
+            log.debug("waiting fires dropped job=%s count=%d", name, len(dropped))
 
     def next_fire(self, name: str) -> datetime | None:
         entry = self.entries.get(name)
