@@ -259,6 +259,7 @@ class Agent:
         self.scheduler = Scheduler(
             self.store, self.dispatcher, catch_up=config.catch_up_window
         )
+        self.scheduler.leading = self.is_leader
         # The leader's overload guard (core/admission.py) follows this.
         self.loop_lag = LoopLag(interval=0.05)
         self.loop_lag.listeners.append(self.scheduler.on_lag)

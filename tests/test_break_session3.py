@@ -83,12 +83,23 @@ def test_results_whose_output_escapes_to_more_bytes_are_all_reported(
 # -- the leader's overload guard: fires waiting for a place in the window --
 
 
+class Leadership:
+    """The part of a commit log the scheduler may ask: whether it leads."""
+
+    def __init__(self) -> None:
+        self.leading = True
+
+    def is_leader(self) -> bool:
+        return self.leading
+
+
 class HeldDispatcher:
     """Fires hold their place in the window until `release` is set."""
 
     def __init__(self) -> None:
         self.started: list[tuple[str, datetime]] = []
         self.release = asyncio.Event()
+        self.log = Leadership()
 
     async def fire(self, name: str, *, fire_at: datetime, trigger: str) -> object:
         self.started.append((name, fire_at))
@@ -113,6 +124,7 @@ class OneSlot:
             window=WindowSettings(initial=1, floor=1, ceiling=1),
         )
         self.fsm.listeners.append(self.scheduler.on_event)
+        self.scheduler.leading = self.dispatcher.log.is_leader
 
     def apply(self, op: str, **fields: Any) -> None:
         index = self.store.applied_index() + 1
@@ -208,3 +220,24 @@ def test_a_catch_up_burst_still_waiting_is_not_shed(tmp_path: Path) -> None:
         await mesh.finish()
 
     asyncio.run(main())
+
+
+def test_a_waiting_fire_does_not_start_after_the_lead_is_lost(tmp_path: Path) -> None:
+    """Leadership is lost while a fire holds the window and another waits.
+    The held fire ends (its proposal fails: not the leader) before the
+    scheduler is stopped (the follow-up runs as a task of its own); the
+    place it frees must not start the waiting fire on a node that no
+    longer leads (a follower would forward it and hand its runs over)."""
+    mesh = OneSlot(tmp_path)
+
+    async def main() -> None:
+        mesh.set_job("a-holder", "@every 1s")
+        mesh.set_job("b-waiting", "@every 1s")
+        await mesh.start()
+        mesh.at(1)
+        await asyncio.sleep(0)
+        mesh.dispatcher.log.leading = False
+        await mesh.finish()
+
+    asyncio.run(main())
+    assert [name for name, _ in mesh.dispatcher.started] == ["a-holder"]

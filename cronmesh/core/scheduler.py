@@ -112,6 +112,9 @@ class Scheduler:
         self.shed = 0
         self._shed_logged = (0.0, 0)  # (monotonic time, shed count) of the last warning
         self.last_lag = 0.0
+        # Whether this node leads now: a waiting fire starts on the leader
+        # only, even in the moment between the lead's loss and stop().
+        self.leading: Callable[[], bool] = lambda: True
 
     # -- life cycle
     def start(self) -> None:
@@ -122,6 +125,10 @@ class Scheduler:
         log.info("scheduler started jobs=%d", len(self.entries))
 
     async def stop(self) -> None:
+        # Before awaiting: a fire in flight that ends meanwhile would start
+        # the waiting ones.
+        self._waiting.clear()
+        self._added.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -294,6 +301,8 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Start waiting fires while the window has room."""
+        if not self.leading():
+            return
         oldest = self._now() - timedelta(seconds=self.catch_up)
         while self._waiting and self.window.try_acquire():
             name = next(iter(self._waiting))
