@@ -10,6 +10,10 @@ the defect is gone, until its mark is removed.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -241,3 +245,34 @@ def test_a_waiting_fire_does_not_start_after_the_lead_is_lost(tmp_path: Path) ->
 
     asyncio.run(main())
     assert [name for name, _ in mesh.dispatcher.started] == ["a-holder"]
+
+
+# -- orphan clean-up at restart ------------------------------------------------
+
+
+def test_orphan_search_never_picks_the_agents_own_process_group() -> None:
+    """An agent started from a job (a job that restarts or upgrades the
+    agent: `cronmesh agent ... &` in its script) inherits the job's
+    CRONMESH_EXECUTION_ID, and the restarted agent finds that execution in
+    its outbox as interrupted. Searching by environment must not take the
+    agent's own group for the job's: stopping it would SIGTERM the agent
+    itself. A child process in a session of its own plays the agent."""
+    code = (
+        "import json, os\n"
+        "from cronmesh.core.orphans import find_orphans\n"
+        "found = find_orphans([('exec-of-the-restart-job', None)])\n"
+        "print(json.dumps({'own': os.getpgrp(), "
+        "'found': [o.pgid for o in found]}))\n"
+    )
+    env = {**os.environ, "CRONMESH_EXECUTION_ID": "exec-of-the-restart-job"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+        check=True,
+    )
+    seen = json.loads(done.stdout)
+    assert seen["own"] not in seen["found"], seen

@@ -189,7 +189,13 @@ class _ProcessTable:
     def __init__(self) -> None:
         self.groups: dict[int, list[int]] = {}
         self.pgrp: dict[int, int] = {}
+        # This agent's own group is never a job's (jobs run in sessions of
+        # their own), even when the agent inherited a job's environment (a
+        # job restarted it): left out, it can be neither found nor stopped.
+        own = os.getpgrp()
         for pid, stat in _processes():
+            if stat.pgrp == own:
+                continue
             self.groups.setdefault(stat.pgrp, []).append(pid)
             self.pgrp[pid] = stat.pgrp
         self._by_execution: dict[str, list[int]] | None = None
