@@ -24,8 +24,12 @@ from conftest import AgentProcess, shell_job
 from test_distributed import by_name, start_mesh, stop_all
 
 from cronmesh.core.admission import WindowSettings
-from cronmesh.core.fsm import StateMachine, encode_command
+from cronmesh.core.commitlog import MAX_COMMAND_BYTES
+from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
+from cronmesh.core.model import Execution
+from cronmesh.core.runner import Runner
 from cronmesh.core.scheduler import Scheduler
+from cronmesh.errors import ValidationError
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.state import StateStore
 
@@ -82,6 +86,44 @@ def test_results_whose_output_escapes_to_more_bytes_are_all_reported(
     assert s1.post_job(small).status_code == 201
     assert s1.http.post("/v1/jobs/after-escaped-output/run").status_code == 202
     s1.finished("after-escaped-output", timeout=20)
+
+
+class RecordingLog:
+    """A commit log that refuses, as Raft does, a command over the limit."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    async def propose(self, payload: bytes) -> ApplyResult:
+        if len(payload) > MAX_COMMAND_BYTES:
+            raise ValidationError(f"command: {len(payload)} bytes")
+        self.payloads.append(payload)
+        return ApplyResult()
+
+
+def test_a_result_too_large_for_one_command_is_reported_cut() -> None:
+    """With a large --max-output, one result of control characters escapes
+    to more than a Raft entry holds: it was retried for ever. It is cut
+    (keeping its end) until it fits."""
+    commit_log = RecordingLog()
+    runner = Runner("n", commit_log, max_output=1_000_000)  # type: ignore[arg-type]
+    execution = Execution(
+        job_name="loud",
+        started_at=T0,
+        node_name="n",
+        group=1,
+        finished_at=T0,
+        output="\x01" * 999_990 + "the end",
+    )
+
+    async def main() -> None:
+        async with asyncio.timeout(10):
+            await runner.report(execution)
+
+    asyncio.run(main())
+    [payload] = commit_log.payloads
+    sent = json.loads(payload)["execution"]["output"]
+    assert sent.endswith("the end") and len(sent) < 999_990
 
 
 # -- the leader's overload guard: fires waiting for a place in the window --
