@@ -47,7 +47,12 @@ import grpc
 
 from cronmesh.core.commitlog import NotLeaderError
 from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
-from cronmesh.errors import ConflictError, CronmeshError, NotFoundError
+from cronmesh.errors import (
+    ConflictError,
+    CronmeshError,
+    NotFoundError,
+    ValidationError,
+)
 from cronmesh.raft.driver import RaftDriver, RaftSettings
 from cronmesh.raft.errors import RaftError
 from cronmesh.raft.types import ConfChange, ConfChangeOp
@@ -227,6 +232,10 @@ class Cluster:
             return raft_pb2.ProposeReply(leader=self.driver.leader or "")
         try:
             result: ApplyResult = await self.driver.propose(command)
+        except ValidationError as exc:
+            # The command itself is refused (too large): an answer, not a
+            # redirect, or the caller would retry it at every server forever.
+            return raft_pb2.ProposeReply(code=400, error=str(exc))
         except CronmeshError as exc:
             return raft_pb2.ProposeReply(
                 leader=self.driver.leader or "", error=str(exc)

@@ -249,11 +249,6 @@ def test_a_waiting_fire_of_the_old_schedule_does_not_run_an_edited_job(
     assert [name for name, _ in mesh.dispatcher.started] == ["a-holder"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/operations.md says instants of one catch-up burst are never "
-    "shed; a burst still waiting when the job's next instant comes due is",
-)
 def test_a_catch_up_burst_still_waiting_is_not_shed(tmp_path: Path) -> None:
     mesh = OneSlot(tmp_path)
 
@@ -343,3 +338,29 @@ def test_orphan_search_never_picks_the_agents_own_process_group() -> None:
     )
     seen = json.loads(done.stdout)
     assert seen["own"] not in seen["found"], seen
+
+
+def test_a_forwarded_command_too_large_is_refused_not_redirected(
+    mesh: list[AgentProcess],
+) -> None:
+    """The leader answered a proposal it refused as too large with no code,
+    which callers read as "not the leader, ask another": the real error was
+    lost and the caller went round the servers with it for ever."""
+    import grpc
+    from test_distributed import leader_of
+
+    from cronmesh.rpc import raft_pb2, raft_pb2_grpc
+
+    lead = leader_of(mesh[:3])
+    host = lead.gossip_addr.rsplit(":", 1)[0]
+
+    async def propose() -> raft_pb2.ProposeReply:
+        async with grpc.aio.insecure_channel(f"{host}:{lead.rpc_port}") as channel:
+            stub = raft_pb2_grpc.RaftStub(channel)
+            command = encode_command("noop", pad="x" * (MAX_COMMAND_BYTES + 10))
+            request = raft_pb2.ProposeRequest(command=command)
+            return await stub.Propose(request, timeout=30)
+
+    reply = asyncio.run(propose())
+    assert reply.code == 400, reply
+    assert "a Raft entry may hold" in reply.error

@@ -108,6 +108,9 @@ class Scheduler:
         # all run; an instant that waited a turn is shed by the next one).
         self._waiting: dict[str, list[datetime]] = {}
         self._added: dict[str, int] = {}
+        # Per job, the waiting instants that came due together in one turn
+        # (a catch-up burst): never shed, at most skipped as too old.
+        self._burst: dict[str, set[datetime]] = {}
         self._turn = 0
         self.shed = 0
         self._shed_logged = (0.0, 0)  # (monotonic time, shed count) of the last warning
@@ -129,6 +132,7 @@ class Scheduler:
         # the waiting ones.
         self._waiting.clear()
         self._added.clear()
+        self._burst.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -138,6 +142,7 @@ class Scheduler:
         self._heap.clear()
         self._waiting.clear()
         self._added.clear()
+        self._burst.clear()
 
     @property
     def running(self) -> bool:
@@ -169,6 +174,7 @@ class Scheduler:
         old schedule: it starts from now on its new one (see `_load`)."""
         dropped = self._waiting.pop(name, None)
         self._added.pop(name, None)
+        self._burst.pop(name, None)
         if dropped:
             log.debug("waiting fires dropped job=%s count=%d", name, len(dropped))
 
@@ -289,20 +295,22 @@ class Scheduler:
         if waiting is None:
             self._waiting[name] = [instant]
         elif self._added[name] == self._turn:
+            # A second instant of this job in one turn: a catch-up burst.
+            self._burst.setdefault(name, set()).update((waiting[-1], instant))
             waiting.append(instant)
         else:
-            # Limitation: this sheds the rest of a catch-up burst too, though
-            # docs/operations.md says a burst is never shed (a burst waits
-            # here when the window is full; tests/test_break_session3.py).
-            self.shed += len(waiting)
-            log.debug(
-                "fires shed job=%s oldest=%s count=%d window=%d",
-                name,
-                waiting[0].isoformat(),
-                len(waiting),
-                self.window.limit,
-            )
-            waiting[:] = [instant]  # keeps the job's place in line
+            burst = self._burst.get(name, set())
+            kept = [at for at in waiting if at in burst]
+            shed = len(waiting) - len(kept)
+            if shed:
+                self.shed += shed
+                log.debug(
+                    "fires shed job=%s count=%d window=%d",
+                    name,
+                    shed,
+                    self.window.limit,
+                )
+            waiting[:] = [*kept, instant]  # keeps the job's place in line
         self._added[name] = self._turn
 
     def _admit(self) -> None:
@@ -314,6 +322,11 @@ class Scheduler:
             name = next(iter(self._waiting))
             waiting = self._waiting.pop(name)
             instant = waiting.pop(0)
+            burst = self._burst.get(name)
+            if burst is not None:
+                burst.discard(instant)
+                if not burst:
+                    del self._burst[name]
             if waiting:
                 self._waiting[name] = waiting  # the rest of a burst, to the back
             else:
