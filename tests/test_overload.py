@@ -284,3 +284,24 @@ def test_the_runner_keeps_max_output_whatever_the_executors_default(
         assert output == "x" * 300_000 + "\nEND\n"  # nothing cut
     else:
         assert len(output.encode()) <= limit and "bytes cut" in output
+
+
+def test_an_unexpected_error_while_reporting_is_retried_not_dropped() -> None:
+    class Flaky(SlowLog):
+        async def propose(self, payload: bytes) -> ApplyResult:
+            if self.fail_first:
+                self.fail_first -= 1
+                raise RuntimeError("a bug below the commit log")
+            return await super().propose(payload)
+
+    commit_log = Flaky(0.0, fail_first=2)
+    runner = Runner("n", commit_log, max_output=1000)  # type: ignore[arg-type]
+    runner.retry_delay = 0.01
+
+    async def main() -> None:
+        await runner.finish(finished(7))
+        while runner.unreported:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert commit_log.calls == [["j007"]]

@@ -357,9 +357,18 @@ class Runner:
         while True:
             try:
                 result = await self.log.propose(payload)
-            except CronmeshError as exc:
+            except Exception as exc:
+                # Any failure means "not taken": the callers treat a return
+                # as delivered and drop the result from the outbox, so an
+                # unexpected error (not a CronmeshError) must retry too.
                 level = logging.DEBUG if warned else logging.WARNING
-                log.log(level, "cannot report yet what=%s error=%s", what, exc)
+                log.log(
+                    level,
+                    "cannot report yet what=%s error=%s",
+                    what,
+                    exc,
+                    exc_info=not isinstance(exc, CronmeshError) and not warned,
+                )
                 warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REPORT_RETRY_MAX)
