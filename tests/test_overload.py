@@ -61,6 +61,19 @@ def test_window_grows_only_when_full_and_the_loop_is_quick() -> None:
     assert window.limit == 16  # the ceiling
 
 
+def test_a_quiet_loop_takes_a_shrunk_window_back_toward_its_start() -> None:
+    window = Window(WindowSettings(initial=512, floor=32))
+    for _ in range(20):
+        window.adjust(1.0)  # a long stall
+    assert window.limit == 32
+    window.adjust(0.01)  # quiet, and nobody fills it
+    assert window.limit == 272
+    window.adjust(0.01)
+    assert window.limit == 392
+    window.adjust(0.1)  # neither quiet nor late: hold
+    assert window.limit == 392
+
+
 def test_loop_lag_reports_a_blocked_loop() -> None:
     seen: list[float] = []
 

@@ -11,7 +11,8 @@ So the leader watches its own loop: `LoopLag` measures how late a short
 sleep wakes up. `Window` is an additive-increase, multiplicative-decrease
 limit on fires in flight (from the fire to the hand-over), driven by that
 lag: above `high` the limit shrinks by a factor, below `low` with the
-limit reached it grows. The scheduler keeps fires over the limit waiting,
+limit reached it grows (not reached: it returns half the way to where it
+started). The scheduler keeps fires over the limit waiting,
 at most one per job; a job whose next instant comes due while its previous
 one still waits skips the older one (counted, logged), much as a systemd
 timer does not queue elapses behind a unit that is still starting. A
@@ -37,7 +38,7 @@ class WindowSettings:
     """Bounds and thresholds of the in-flight window (seconds, fires)."""
 
     initial: int = 512
-    floor: int = 16  # never fewer in flight: small clusters never wait
+    floor: int = 32  # never fewer in flight: small clusters never wait
     ceiling: int = 8192
     high: float = 0.25  # loop lag that shrinks the window (half of 0.5 s)
     low: float = 0.05  # loop lag under which a full window may grow
@@ -81,6 +82,11 @@ class Window:
             self.limit = min(
                 s.ceiling, max(self.limit + 1, int(self.limit * s.increase))
             )
+        elif lag < s.low and self.limit < s.initial:
+            # A quiet loop with room to spare: half the way back to the start
+            # each period. A window shrunk by one stall (a long apply, a GC)
+            # must not keep fires waiting, and shedding, for seconds after.
+            self.limit = max(self.limit, (self.limit + s.initial) // 2)
         self._full = self.in_flight >= self.limit
 
 
