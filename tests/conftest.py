@@ -228,3 +228,13 @@ def shell_job(
         "executor_config": {"command": command, **extra.pop("config", {})},
         **extra,
     }
+
+
+def start_run(node: AgentProcess, name: str, script: str, node_tag: str) -> str:
+    """Create job `name` running `script` through the shell on the agent whose
+    `id` tag is `node_tag`, run it now through `node`; its execution id."""
+    job = shell_job(name, script, tags={"id": node_tag}, config={"shell": "true"})
+    assert node.post_job(job).status_code == 201
+    run = node.http.post(f"/v1/jobs/{name}/run")
+    assert run.status_code == 202, run.text
+    return str(run.headers["X-Execution-Id"])

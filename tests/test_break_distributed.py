@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, AgentProcess, shell_job
+from conftest import REPO, AgentProcess, shell_job, start_run
 from test_distributed import by_name, leader_of, start_mesh, stop_all
 
 
@@ -366,16 +366,8 @@ def test_follow_ends_when_the_run_is_declared_lost(
 ) -> None:
     s1, s2, w2 = mesh[0], by_name(mesh, "s2"), by_name(mesh, "w2")
     pid_file = tmp_path / "pid"
-    job = shell_job(
-        "follow-lost",
-        f"echo $$ > {pid_file}; echo started; exec sleep 60",
-        tags={"id": "w2"},
-        config={"shell": "true"},
-    )
-    assert s1.post_job(job).status_code == 201
-    run = s1.http.post("/v1/jobs/follow-lost/run")
-    assert run.status_code == 202, run.text
-    exec_id = run.headers["X-Execution-Id"]
+    script = f"echo $$ > {pid_file}; echo started; exec sleep 60"
+    exec_id = start_run(s1, "follow-lost", script, "w2")
     s2.wait_for(
         "the run started",
         lambda: "started" in execution(s2, "follow-lost", exec_id).get("output", ""),

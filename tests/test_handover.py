@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import AgentProcess, shell_job
+from conftest import AgentProcess, shell_job, start_run
 from test_break_distributed import execution, kill_pid_in, read_pid
 from test_distributed import by_name, leader_of, start_mesh, stop_all, ts
 
@@ -57,16 +57,8 @@ def test_a_repeated_hand_over_starts_nothing_twice(
 ) -> None:
     s1, w1 = mesh[0], by_name(mesh, "w1")
     marks = tmp_path / "marks"
-    job = shell_job(
-        "handed-twice",
-        f"echo start >> {marks}; sleep 3; echo end >> {marks}",
-        tags={"id": "w1"},
-        config={"shell": "true"},
-    )
-    assert s1.post_job(job).status_code == 201
-    started = s1.http.post("/v1/jobs/handed-twice/run")
-    assert started.status_code == 202, started.text
-    exec_id = started.headers["X-Execution-Id"]
+    script = f"echo start >> {marks}; sleep 3; echo end >> {marks}"
+    exec_id = start_run(s1, "handed-twice", script, "w1")
     s1.wait_for("the run started", lambda: marks.exists())
     stored_job = s1.http.get("/v1/jobs/handed-twice").json()
     run = execution(s1, "handed-twice", exec_id)
@@ -105,16 +97,8 @@ def test_after_a_failover_a_dead_agent_s_run_fails_within_the_timeout(
     servers, w1 = mesh[:3], by_name(mesh, "w1")
     leader = leader_of(servers)
     pid_file = tmp_path / "pid"
-    job = shell_job(
-        "orphaned",
-        f"echo $$ > {pid_file}; exec sleep 60",
-        tags={"id": "w1"},
-        config={"shell": "true"},
-    )
-    assert leader.post_job(job).status_code == 201
-    run = leader.http.post("/v1/jobs/orphaned/run")
-    assert run.status_code == 202, run.text
-    exec_id = run.headers["X-Execution-Id"]
+    script = f"echo $$ > {pid_file}; exec sleep 60"
+    exec_id = start_run(leader, "orphaned", script, "w1")
     try:
         read_pid(pid_file, leader)
         leader.kill9()
