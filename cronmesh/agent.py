@@ -58,6 +58,7 @@ from cronmesh.errors import (
 from cronmesh.gossip.config import profile as gossip_profile
 from cronmesh.gossip.driver import GossipDriver
 from cronmesh.gossip.keyring import KEYRING_FILE, Keyring
+from cronmesh.gossip.tags import RESERVED_TAGS as GOSSIP_RESERVED_TAGS
 from cronmesh.metrics import Metrics
 from cronmesh.raft.driver import RaftSettings
 from cronmesh.rpc import agent_pb2, agent_pb2_grpc
@@ -82,17 +83,9 @@ __all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
 # /health (three heartbeat periods: an election takes about one second).
 LEADER_SILENCE = 3 * HEARTBEAT_INTERVAL
 
-# Tags the agent sets itself; `--tag` may not set them.
-RESERVED_TAGS = (
-    "dc",
-    "region",
-    "server",
-    "rpc_addr",
-    "port",
-    "version",
-    "expect",
-    "cluster",
-)
+# Tags the agent sets itself; `--tag` may not set them: Dkron's reserved
+# tags but `role` (users target jobs with it), and the cluster's id.
+RESERVED_TAGS = (*(t for t in GOSSIP_RESERVED_TAGS if t != "role"), "cluster")
 
 log = logging.getLogger("cronmesh.agent")
 

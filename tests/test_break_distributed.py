@@ -67,20 +67,14 @@ def test_deleting_a_job_stops_its_running_execution(
 ) -> None:
     s1 = mesh[0]
     pid_file = tmp_path / "pid"
-    job = shell_job(
-        "deleted-while-running",
-        f"echo $$ > {pid_file}; exec sleep 40",
-        tags={"id": "w1"},
-        config={"shell": "true"},
-    )
-    assert s1.post_job(job).status_code == 201
-    assert s1.http.post(f"/v1/jobs/{job['name']}/run").status_code == 202
+    script = f"echo $$ > {pid_file}; exec sleep 40"
+    start_run(s1, "deleted-while-running", script, "w1")
     pid = read_pid(pid_file, s1)
-    deleted = s1.http.delete(f"/v1/jobs/{job['name']}")
+    deleted = s1.http.delete("/v1/jobs/deleted-while-running")
     assert deleted.status_code == 200, deleted.text
     # Nothing can stop it through the API any more: the job is gone.
     busy = s1.http.get("/v1/busy").json()
-    assert not [b for b in busy if b["job_name"] == job["name"]]
+    assert not [b for b in busy if b["job_name"] == "deleted-while-running"]
     try:
         # Three heartbeat rounds are plenty for the agent to hear of it.
         s1.wait_for("the deleted job's process ends", lambda: not pid_alive(pid), 12)
@@ -248,15 +242,8 @@ def test_following_a_fast_large_output_says_what_it_skipped(
     mesh: list[AgentProcess],
 ) -> None:
     s1, s3 = mesh[0], by_name(mesh, "s3")
-    job = shell_job(
-        "big-follow",
-        "sleep 2; head -c 3000000 /dev/zero | tr '\\0' x; echo; echo END; sleep 1",
-        tags={"id": "w2"},
-        config={"shell": "true"},
-    )
-    assert s1.post_job(job).status_code == 201
-    run = s1.http.post("/v1/jobs/big-follow/run")
-    assert run.status_code == 202, run.text
+    script = "sleep 2; head -c 3000000 /dev/zero | tr '\\0' x; echo; echo END; sleep 1"
+    exec_id = start_run(s1, "big-follow", script, "w2")
     follow = subprocess.run(
         [
             sys.executable,
@@ -265,7 +252,7 @@ def test_following_a_fast_large_output_says_what_it_skipped(
             "executions",
             "logs",
             "big-follow",
-            run.headers["X-Execution-Id"],
+            exec_id,
             "--follow",
             "--address",
             s3.url,

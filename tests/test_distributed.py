@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, AgentProcess, shell_job
+from conftest import REPO, AgentProcess, shell_job, start_run
 
 WORKERS = ("w1", "w2")
 
@@ -159,16 +159,8 @@ def test_targets_follow_the_tags(mesh: list[AgentProcess]) -> None:
 
 def test_output_streams_and_kill_reaches_the_agent(mesh: list[AgentProcess]) -> None:
     s2, w2 = by_name(mesh, "s2"), by_name(mesh, "w2")
-    job = shell_job(
-        "slow-printer",
-        "for i in 1 2 3 4 5 6 7 8; do echo line-$i; sleep 0.5; done; sleep 60",
-        tags={"id": "w2"},
-        config={"shell": "true"},
-    )
-    assert s2.post_job(job).status_code == 201
-    run = s2.http.post("/v1/jobs/slow-printer/run")
-    assert run.status_code == 202, run.text
-    exec_id = run.headers["X-Execution-Id"]
+    script = "for i in 1 2 3 4 5 6 7 8; do echo line-$i; sleep 0.5; done; sleep 60"
+    exec_id = start_run(s2, "slow-printer", script, "w2")
     assert exec_id.endswith("-w2")
     # The output so far, read through a follower server and through an agent.
     path = f"/v1/jobs/slow-printer/executions/{exec_id}"
