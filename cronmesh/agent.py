@@ -45,7 +45,7 @@ from cronmesh.core.notify import Notifier as Notifications
 from cronmesh.core.notify import NotifySettings
 from cronmesh.core.runner import Runner
 from cronmesh.core.schedule import load_zone, parse_schedule
-from cronmesh.core.scheduler import DEFAULT_CATCH_UP, Scheduler
+from cronmesh.core.scheduler import DEFAULT_CATCH_UP, STAGE_AHEAD, Scheduler
 from cronmesh.core.targets import DRAINING_TAG, Candidate
 from cronmesh.errors import (
     ConflictError,
@@ -137,6 +137,7 @@ class AgentConfig:
     max_executions: int = 100  # executions kept per job
     max_output: int = 256_000  # bytes of output kept per execution (the end)
     catch_up_window: float = DEFAULT_CATCH_UP  # seconds a missed fire may run late
+    stage_ahead: float = STAGE_AHEAD  # seconds before its instant a run is staged
     shutdown_grace: float = 30.0  # seconds running jobs get on SIGTERM
     region: str = "global"
     datacenter: str = "dc1"
@@ -250,7 +251,10 @@ class Agent:
         self.dispatcher.send_run = self._send_run
         self.dispatcher.on_unanswered = self._handover_unanswered
         self.scheduler = Scheduler(
-            self.store, self.dispatcher, catch_up=config.catch_up_window
+            self.store,
+            self.dispatcher,
+            catch_up=config.catch_up_window,
+            stage_ahead=config.stage_ahead,
         )
         self.scheduler.leading = self.is_leader
         # The leader's overload guard (core/admission.py) follows this.
@@ -637,12 +641,15 @@ class Agent:
             return address
         raise TransportError(f"no RPC address known for node {node!r}")
 
-    async def _send_run(self, node: str, job: Job, execution: Execution) -> None:
+    async def _send_run(
+        self, node: str, job: Job, execution: Execution, start_in: float = 0.0
+    ) -> None:
         address = self.rpc_address(node)
         state = await self.agents.run(
             address,
             json.dumps(job.to_json()).encode(),
             json.dumps(execution.to_json()).encode(),
+            start_in,
         )
         if state != "started":
             log.debug(
@@ -657,9 +664,10 @@ class Agent:
         self.liveness.handover_unanswered(execution.id, execution.node_name)
 
     async def _accept_run(
-        self, job_doc: dict[str, Any], exec_doc: dict[str, Any]
+        self, job_doc: dict[str, Any], exec_doc: dict[str, Any], start_in: float = 0.0
     ) -> str:
-        """gRPC AgentRun: the leader hands this node an execution.
+        """gRPC AgentRun: the leader hands this node an execution, to start
+        now or, staged, in `start_in` seconds.
 
         Idempotent by execution id: a hand-over of a run this node already
         has starts nothing and answers "running" or "done"; otherwise
@@ -686,7 +694,7 @@ class Agent:
             raise UnavailableError(
                 f"agent {self.node_name} is stopping and starts no new runs"
             )
-        started = await self.runner.accept(job, execution)
+        started = await self.runner.accept(job, execution, start_in=start_in)
         if not started:
             return self.runner.has(execution.id) or "running"
         log.debug("execution accepted job=%s execution=%s", job.name, execution.id)

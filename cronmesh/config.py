@@ -372,6 +372,15 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
     ),
     Setting(
+        "stage-ahead",
+        "stage_ahead",
+        SECONDS,
+        "How long before its instant a scheduled run is committed and handed "
+        "to its agent, which starts it at the instant (0: at the instant).",
+        dkron=False,
+        minimum=0,
+    ),
+    Setting(
         "shutdown-grace",
         "shutdown_grace",
         SECONDS,

@@ -211,6 +211,39 @@ def test_output_streams_and_kill_reaches_the_agent(mesh: list[AgentProcess]) -> 
     assert again.status_code == 409 and "has finished" in again.json()["error"]
 
 
+def test_staged_runs_start_at_their_instant_and_forbid_decides_at_it(
+    mesh: list[AgentProcess],
+) -> None:
+    """A scheduled run is committed and handed to its worker before its
+    instant (its committed start IS the instant) and starts then, never
+    before; a `forbid` job is decided at its instant (committed after it)."""
+    s2 = by_name(mesh, "s2")
+    staged = shell_job("staged", "/bin/date +%s.%N", "@every 1s", tags={"id": "w2"})
+    forbid = shell_job(
+        "staged-forbid",
+        "/bin/date +%s.%N",
+        "@every 1s",
+        tags={"id": "w1"},
+        concurrency="forbid",
+    )
+    for job in (staged, forbid):
+        assert s2.post_job(job).status_code == 201
+    runs = s2.finished("staged", count=4, timeout=30)
+    held = s2.finished("staged-forbid", count=4, timeout=30)
+    for name in ("staged", "staged-forbid"):
+        s2.http.delete(f"/v1/jobs/{name}")
+    for run in runs:
+        assert run["success"] is True and run["node_name"] == "w2", run
+        instant = ts(run["scheduled_at"]).timestamp()
+        assert ts(run["started_at"]).timestamp() == pytest.approx(instant, abs=1e-3)
+        # The process ran at the instant or after it, never before.
+        assert float(run["output"].split()[0]) >= instant, run
+    for run in held:
+        assert run["success"] is True, run
+        assert ts(run["started_at"]) > ts(run["scheduled_at"]), run
+        assert float(run["output"].split()[0]) >= ts(run["scheduled_at"]).timestamp()
+
+
 def test_forbid_holds_for_manual_runs_cluster_wide(mesh: list[AgentProcess]) -> None:
     s3, w1 = by_name(mesh, "s3"), by_name(mesh, "w1")
     job = shell_job("forbidden", "sleep 30", tags={"id": "w1"}, concurrency="forbid")

@@ -188,7 +188,9 @@ def test_only_a_hand_over_that_may_have_arrived_is_left_running(
         calls = 0
         unanswered: list[Execution] = []
 
-        async def send_run(node: str, job: Job, execution: Execution) -> None:
+        async def send_run(
+            node: str, job: Job, execution: Execution, start_in: float = 0.0
+        ) -> None:
             nonlocal calls
             calls += 1
             raise error

@@ -28,7 +28,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cronmesh.core.commitlog import CommandLog
 from cronmesh.core.fsm import ApplyResult, Event, encode_command
@@ -68,7 +68,9 @@ _REFUSED = "refused"
 _UNREACHED = "unreached"  # no attempt reached the agent (no address or link)
 _UNANSWERED = "unanswered"  # an attempt may have reached it; no answer came
 
-SendRun = Callable[[str, Job, Execution], Awaitable[object]]
+SendRun = Callable[[str, Job, Execution, float], Awaitable[object]]
+# Staged start times are kept this long to keep execution ids unique.
+STAGED_IDS_KEPT = 10.0
 
 
 @dataclass
@@ -129,6 +131,8 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self._tasks: set[asyncio.Task[object]] = set()
         self._last_start_ns = 0
+        # Start times (ns) given to staged runs, for unique execution ids.
+        self._staged_ns: set[int] = set()
         self.active = True
         self.node_tags: Callable[[], dict[str, str]] = dict
         # The live members to pick targets from; by default this node only.
@@ -152,13 +156,36 @@ class Dispatcher:
         # same microsecond would collide, so keep them strictly increasing.
         now = self.clock()
         ns = to_ns(now)
-        if ns <= self._last_start_ns:
-            ns = self._last_start_ns + 1000
-            now = datetime.fromtimestamp(ns / 1e9, UTC).replace(
-                microsecond=(ns // 1000) % 1_000_000
-            )
+        if ns <= self._last_start_ns or ns in self._staged_ns:
+            ns = max(ns, self._last_start_ns) + 1000
+            while ns in self._staged_ns:
+                ns += 1000
+            now = _from_ns(ns)
         self._last_start_ns = ns
         return now
+
+    def _staged_start(self, instant: datetime) -> datetime:
+        """The start time of a run staged for `instant`: the instant itself,
+        or the first free microsecond after it (runs of one instant on one
+        node need distinct ids)."""
+        now_ns = to_ns(self.clock())
+        if len(self._staged_ns) > 4096:
+            horizon = now_ns - int(STAGED_IDS_KEPT * 1e9)
+            self._staged_ns = {ns for ns in self._staged_ns if ns > horizon}
+        ns = to_ns(instant)
+        while ns in self._staged_ns or ns == self._last_start_ns:
+            ns += 1000
+        self._staged_ns.add(ns)
+        return _from_ns(ns)
+
+    def _start_in(self, execution: Execution) -> float:
+        """Seconds until a staged execution's start (0 for any other)."""
+        return max(0.0, (execution.started_at - self.clock()).total_seconds())
+
+    async def _until_start(self, execution: Execution) -> None:
+        delay = self._start_in(execution)
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _targets(self, job: Job, node: str | None) -> tuple[list[str], str]:
         members = self.members()
@@ -205,7 +232,21 @@ class Dispatcher:
                 log.debug("skipping fire job=%s reason=%s", job_name, reason)
                 return FireOutcome(skipped=reason)
         targets, why_none = self._targets(job, node)
-        started = self._started_at()
+        # A scheduled fire the scheduler took before its instant is staged:
+        # committed and handed over now, started by its agent at the
+        # instant. A `forbid` job decides at its instant (its previous run
+        # may still end), and a run with no target is recorded then.
+        staged: datetime | None = None
+        if trigger == "schedule" and fire_at is not None and fire_at > self.clock():
+            staged = fire_at
+        if staged is not None and (
+            job.concurrency == CONCURRENCY_FORBID or not targets
+        ):
+            await asyncio.sleep(max(0.0, (staged - self.clock()).total_seconds()))
+            staged = None
+            job = self.store.get_job(job_name) or job
+            targets, why_none = self._targets(job, node)
+        started = self._started_at() if staged is None else self._staged_start(staged)
         group_id = group if group is not None else to_ns(started)
         executions = [
             Execution(
@@ -246,7 +287,8 @@ class Dispatcher:
             )
             return FireOutcome(skipped=result.error, result=result)
         if fire_at is not None and trigger == "schedule":
-            self.observe_fire_lag((self.clock() - fire_at).total_seconds())
+            lag = (self.clock() - fire_at).total_seconds()
+            self.observe_fire_lag(max(0.0, lag))
         for execution in executions:
             for callback in self.on_started:
                 callback(execution)
@@ -277,7 +319,9 @@ class Dispatcher:
         verdict = ""
         if execution.node_name == self.node_name or self.send_run is None:
             try:
-                await self.runner.accept(job, execution)
+                await self.runner.accept(
+                    job, execution, start_in=self._start_in(execution)
+                )
                 return
             except CronmeshError as exc:
                 error = str(exc)
@@ -308,6 +352,9 @@ class Dispatcher:
             execution.node_name,
             error,
         )
+        # A staged run that cannot start ends at its instant, not before it
+        # began (a retry counts from there too).
+        await self._until_start(execution)
         execution.finished_at = self.clock()
         execution.output = f"[cronmesh] not run: {error}\n"
         execution.verdict = verdict
@@ -336,7 +383,9 @@ class Dispatcher:
         error, outcome = "", _UNREACHED
         for attempt in range(DISPATCH_ATTEMPTS):
             try:
-                await self.send_run(execution.node_name, job, execution)
+                await self.send_run(
+                    execution.node_name, job, execution, self._start_in(execution)
+                )
                 return "", _TAKEN
             except RunRefusedError as exc:
                 # A clear no: the agent does not run it (it checks what it
@@ -442,6 +491,13 @@ class Dispatcher:
         self.active = False
         for task in list(self._tasks):
             task.cancel()
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _from_ns(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=ns // 1000)
 
 
 def tags_mismatch(wanted: dict[str, str], have: dict[str, str]) -> str:

@@ -29,8 +29,9 @@ from typing import Any
 
 from cronmesh.core.commitlog import MAX_COMMAND_BYTES, CommandLog
 from cronmesh.core.executors import Executor, OutputBuffer, get_executor
+from cronmesh.core.executors.gate import StartGate
 from cronmesh.core.fsm import encode_command
-from cronmesh.core.model import Execution, Job, format_time
+from cronmesh.core.model import Execution, Job, format_time, to_ns
 from cronmesh.core.orphans import (
     ORPHAN_GRACE,
     ProcessMark,
@@ -60,6 +61,9 @@ REPORT_PIPELINE = 2
 # command over MAX_COMMAND_BYTES is refused (retried for ever, it would hold
 # one of the REPORT_PIPELINE places for good).
 MAX_REPORT_BYTES = 1 << 20
+# A staged run due sooner than this is not gated (its process might not be
+# up in time): it waits on a timer and starts at its instant.
+GATE_MIN_LEAD = 0.05
 
 
 def utcnow() -> datetime:
@@ -77,6 +81,8 @@ class LiveExecution:
     task: asyncio.Task[None] | None = None
     finished: bool = False
     note: str = ""  # why the runner itself cancelled it, added to the output
+    # A staged run: the event loop's time (loop.time()) to start it at.
+    start_at: float | None = None
 
 
 class Runner:
@@ -109,13 +115,18 @@ class Runner:
         self._batch_scheduled = False
         self._delivering = 0  # report batches on their way (REPORT_PIPELINE)
         self._executors: dict[str, Executor] = {}
+        # Start gates of staged runs, by their opening (loop time, in ms).
+        self._gates: dict[int, StartGate] = {}
         self.on_finished: list[Any] = []
 
-    async def accept(self, job: Job, execution: Execution) -> bool:
-        """Record `execution` in the outbox and start it (idempotent: a
-        repeated hand-over of a known execution starts nothing).
+    async def accept(
+        self, job: Job, execution: Execution, *, start_in: float = 0.0
+    ) -> bool:
+        """Record `execution` in the outbox and start it, at once or, for a
+        staged run, `start_in` seconds from now (idempotent: a repeated
+        hand-over of a known execution starts nothing).
 
-        Returns True when this call started it.
+        Returns True when this call started it (or set it to start).
         """
         if self.has(execution.id):
             return False
@@ -123,7 +134,7 @@ class Runner:
             await self.outbox.put_running(execution, job.to_json())
             if execution.id in self.live:  # a concurrent hand-over won
                 return False
-        self.start(job, execution)
+        self.start(job, execution, start_in=start_in)
         return True
 
     def has(self, exec_id: str) -> str:
@@ -138,10 +149,14 @@ class Runner:
             return "running"
         return ""
 
-    def start(self, job: Job, execution: Execution) -> LiveExecution:
+    def start(
+        self, job: Job, execution: Execution, *, start_in: float = 0.0
+    ) -> LiveExecution:
         """Run `execution` in the background (its outbox record, if any, is
-        already written)."""
+        already written), from `start_in` seconds on."""
         live = LiveExecution(execution, job, OutputBuffer(self.max_output))
+        if start_in > 0:
+            live.start_at = asyncio.get_running_loop().time() + start_in
         self.live[execution.id] = live
         live.task = asyncio.create_task(self._run(live), name=f"run-{execution.id}")
         return live
@@ -187,6 +202,13 @@ class Runner:
         execution, job = live.execution, live.job
         try:
             executor = self._executor(job.executor)
+            extra: dict[str, Any] = {}
+            if live.start_at is not None:
+                gate = self._gate(executor, execution, live.start_at)
+                if gate is None:
+                    await _until(live.start_at, live.cancel)
+                else:
+                    extra["gate"] = gate
             result = await executor.run(
                 job.executor_config,
                 live.buffer,
@@ -196,6 +218,7 @@ class Runner:
                 on_start=lambda pid, reaped: self._note_process(
                     execution.id, pid, reaped
                 ),
+                **extra,
             )
             success = result.success
             output = result.output.decode(errors="replace")
@@ -230,6 +253,31 @@ class Runner:
         finally:
             # Followers of the output get a last read before the entry goes.
             self._later_drop(execution.id)
+
+    def _gate(
+        self, executor: Executor, execution: Execution, start_at: float
+    ) -> StartGate | None:
+        """The start gate a staged run at `start_at` (loop time) waits at:
+        one per instant (the runs of an instant have starts a few
+        microseconds apart, see Dispatcher._staged_start), opened by one
+        timer; None when the executor takes none or the instant is near."""
+        if not getattr(executor, "gates", False):
+            return None
+        loop = asyncio.get_running_loop()
+        if start_at - loop.time() < GATE_MIN_LEAD:
+            return None
+        key = to_ns(execution.started_at) // 1_000_000  # the instant, in ms
+        gate = self._gates.get(key)
+        if gate is None or gate.is_open or gate.full:
+            gate = StartGate(loop, start_at)
+            self._gates[key] = gate
+            loop.call_at(start_at, self._open_gate, key, gate)
+        return gate
+
+    def _open_gate(self, key: int, gate: StartGate) -> None:
+        gate.open()
+        if self._gates.get(key) is gate:
+            del self._gates[key]
 
     def _note_process(self, exec_id: str, pid: int, reaped: Callable[[], bool]) -> None:
         """The run's first process started: if the run lasts, the marker
@@ -462,6 +510,9 @@ class Runner:
                 await asyncio.wait_for(
                     asyncio.gather(*tasks, return_exceptions=True), 5
                 )
+        for gate in self._gates.values():
+            gate.close()  # their runs were killed above
+        self._gates.clear()
         if self.marker is not None:
             self.marker.close()
         # Give reports in flight a moment; what is left goes next start.
@@ -475,6 +526,16 @@ class Runner:
             )
         for task in list(self._reports):
             task.cancel()
+
+
+async def _until(when: float, cancel: asyncio.Event) -> None:
+    """Sleep until the event loop's time `when`, or until `cancel` is set
+    (the executor then sees it and starts nothing)."""
+    delay = when - asyncio.get_running_loop().time()
+    if delay > 0 and not cancel.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await cancel.wait()
 
 
 def _encoded_len(text: str) -> int:

@@ -29,6 +29,16 @@ it wait in arrival order, one per job: when a job's next instant comes due
 while the previous one still waits, the older one is skipped and counted in
 `shed`. A leader offered more than it can do runs fewer fires on time
 instead of losing its lead to a stalled loop.
+
+Staging. A job that may overlap itself (any concurrency but `forbid`) is
+taken from the heap up to `stage_ahead` seconds before its instant (at most
+90 % of the gap to its previous instant): the dispatcher commits the run and
+hands it over then, and the agent starts it at the instant. So the instant
+itself costs a process start, not a Raft commit, a hand-over and an outbox
+write on top (docs/benchmarks.md, "Cluster"). A `forbid` job is taken at its
+instant: whether it may run depends on its previous run, which may still
+end. A staged run is committed when it is staged, so an edit, a disable or a
+delete of the job within that last stretch applies from the next instant.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from datetime import UTC, datetime, timedelta
 from cronmesh.core.admission import Window, WindowSettings
 from cronmesh.core.dispatcher import Dispatcher
 from cronmesh.core.fsm import Event
-from cronmesh.core.model import Job
+from cronmesh.core.model import CONCURRENCY_FORBID, Job
 from cronmesh.core.schedule import Schedule, parse_schedule
 from cronmesh.errors import CronmeshError
 from cronmesh.storage.state import StateStore
@@ -57,6 +67,10 @@ log = logging.getLogger("cronmesh.scheduler")
 MAX_SLEEP = 5.0
 JUMP_THRESHOLD = 2.0
 DEFAULT_CATCH_UP = 60.0
+# Seconds before its instant a run is staged at most (see the docstring).
+STAGE_AHEAD = 1.0
+# Fraction of the gap between two instants a run is staged ahead at most.
+STAGE_GAP_SHARE = 0.9
 # Missed instants older than the window are counted one by one up to this
 # many; past that the count is a lower bound.
 MAX_CATCH_UP_STEPS = 10_000
@@ -73,6 +87,10 @@ class _Entry:
     next_fire: datetime | None
     generation: int
     one_shot: bool
+    stage: bool = False  # may be taken before its instant (not `forbid`)
+    # The instant taken early whose moment has not come yet (`next_fire`
+    # already names the one after it).
+    staged: datetime | None = None
 
 
 class Scheduler:
@@ -87,10 +105,12 @@ class Scheduler:
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
         window: WindowSettings | None = None,
+        stage_ahead: float = STAGE_AHEAD,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.catch_up = catch_up
+        self.stage_ahead = stage_ahead
         self.wall = wall
         self.mono = mono
         self.entries: dict[str, _Entry] = {}
@@ -180,7 +200,11 @@ class Scheduler:
 
     def next_fire(self, name: str) -> datetime | None:
         entry = self.entries.get(name)
-        return None if entry is None else entry.next_fire
+        if entry is None:
+            return None
+        if entry.staged is not None and entry.staged > self._now():
+            return entry.staged
+        return entry.next_fire
 
     # -- entries
     def _load(self, job: Job, *, changed: bool = False) -> None:
@@ -200,7 +224,8 @@ class Scheduler:
         # instant that passed while no node led (a failover) never runs, even
         # within the catch-up window (tests/test_break_session3.py, xfail).
         generation = old.generation + 1 if old else 0
-        entry = _Entry(schedule, None, generation, one_shot)
+        stage = self.stage_ahead > 0 and job.concurrency != CONCURRENCY_FORBID
+        entry = _Entry(schedule, None, generation, one_shot, stage)
         self.entries[job.name] = entry
         # An unchanged job continues from its last committed fire (catching
         # up at most once); a new or edited one starts from now.
@@ -217,8 +242,13 @@ class Scheduler:
             nxt = self._catch_up(entry.schedule, nxt, now)
         entry.next_fire = nxt
         if nxt is not None:
+            take_at = nxt.timestamp()
+            if entry.stage and nxt > now:
+                start = after if after is not None and after < nxt else now
+                gap = (nxt - start).total_seconds()
+                take_at -= min(self.stage_ahead, STAGE_GAP_SHARE * gap)
             self._seq += 1
-            item = (nxt.timestamp(), self._seq, name, entry.generation)
+            item = (take_at, self._seq, name, entry.generation)
             heapq.heappush(self._heap, item)
 
     def _catch_up(
@@ -281,6 +311,7 @@ class Scheduler:
             ):
                 continue
             instant = entry.next_fire
+            entry.staged = instant if instant.timestamp() > now else None
             self.fired += 1
             self._enqueue(name, instant)
             if not entry.one_shot:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11\x63ronmesh.agent.v1\",\n\nRunRequest\x12\x0b\n\x03job\x18\x01 \x01(\x0c\x12\x11\n\texecution\x18\x02 \x01(\x0c\":\n\x08RunReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\"#\n\x0bKillRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"\x1a\n\tKillReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"E\n\rOutputRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"L\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"1\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x03(\t\"=\n\x0eHeartbeatReply\x12\x0f\n\x07unknown\x18\x01 \x03(\t\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\"t\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12*\n\x07headers\x18\x04 \x03(\x0b\x32\x19.cronmesh.agent.v1.Header\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"U\n\tHttpReply\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12*\n\x07headers\x18\x02 \x03(\x0b\x32\x19.cronmesh.agent.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x32\xe3\x01\n\x05\x41gent\x12\x46\n\x08\x41gentRun\x12\x1d.cronmesh.agent.v1.RunRequest\x1a\x1b.cronmesh.agent.v1.RunReply\x12\x44\n\x04Kill\x12\x1e.cronmesh.agent.v1.KillRequest\x1a\x1c.cronmesh.agent.v1.KillReply\x12L\n\x06Output\x12 .cronmesh.agent.v1.OutputRequest\x1a\x1e.cronmesh.agent.v1.OutputChunk0\x01\x32\xa7\x01\n\nExecutions\x12S\n\tHeartbeat\x12#.cronmesh.agent.v1.HeartbeatRequest\x1a!.cronmesh.agent.v1.HeartbeatReply\x12\x44\n\x04Http\x12\x1e.cronmesh.agent.v1.HttpRequest\x1a\x1c.cronmesh.agent.v1.HttpReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11\x63ronmesh.agent.v1\">\n\nRunRequest\x12\x0b\n\x03job\x18\x01 \x01(\x0c\x12\x11\n\texecution\x18\x02 \x01(\x0c\x12\x10\n\x08start_in\x18\x03 \x01(\x01\":\n\x08RunReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\"#\n\x0bKillRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"\x1a\n\tKillReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"E\n\rOutputRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"L\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\"1\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x03(\t\"=\n\x0eHeartbeatReply\x12\x0f\n\x07unknown\x18\x01 \x03(\t\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\"t\n\x0bHttpRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12*\n\x07headers\x18\x04 \x03(\x0b\x32\x19.cronmesh.agent.v1.Header\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"U\n\tHttpReply\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12*\n\x07headers\x18\x02 \x03(\x0b\x32\x19.cronmesh.agent.v1.Header\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x32\xe3\x01\n\x05\x41gent\x12\x46\n\x08\x41gentRun\x12\x1d.cronmesh.agent.v1.RunRequest\x1a\x1b.cronmesh.agent.v1.RunReply\x12\x44\n\x04Kill\x12\x1e.cronmesh.agent.v1.KillRequest\x1a\x1c.cronmesh.agent.v1.KillReply\x12L\n\x06Output\x12 .cronmesh.agent.v1.OutputRequest\x1a\x1e.cronmesh.agent.v1.OutputChunk0\x01\x32\xa7\x01\n\nExecutions\x12S\n\tHeartbeat\x12#.cronmesh.agent.v1.HeartbeatRequest\x1a!.cronmesh.agent.v1.HeartbeatReply\x12\x44\n\x04Http\x12\x1e.cronmesh.agent.v1.HttpRequest\x1a\x1c.cronmesh.agent.v1.HttpReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNREQUEST']._serialized_start=34
-  _globals['_RUNREQUEST']._serialized_end=78
-  _globals['_RUNREPLY']._serialized_start=80
-  _globals['_RUNREPLY']._serialized_end=138
-  _globals['_KILLREQUEST']._serialized_start=140
-  _globals['_KILLREQUEST']._serialized_end=175
-  _globals['_KILLREPLY']._serialized_start=177
-  _globals['_KILLREPLY']._serialized_end=203
-  _globals['_OUTPUTREQUEST']._serialized_start=205
-  _globals['_OUTPUTREQUEST']._serialized_end=274
-  _globals['_OUTPUTCHUNK']._serialized_start=276
-  _globals['_OUTPUTCHUNK']._serialized_end=352
-  _globals['_HEARTBEATREQUEST']._serialized_start=354
-  _globals['_HEARTBEATREQUEST']._serialized_end=403
-  _globals['_HEARTBEATREPLY']._serialized_start=405
-  _globals['_HEARTBEATREPLY']._serialized_end=466
-  _globals['_HTTPREQUEST']._serialized_start=468
-  _globals['_HTTPREQUEST']._serialized_end=584
-  _globals['_HEADER']._serialized_start=586
-  _globals['_HEADER']._serialized_end=623
-  _globals['_HTTPREPLY']._serialized_start=625
-  _globals['_HTTPREPLY']._serialized_end=710
-  _globals['_AGENT']._serialized_start=713
-  _globals['_AGENT']._serialized_end=940
-  _globals['_EXECUTIONS']._serialized_start=943
-  _globals['_EXECUTIONS']._serialized_end=1110
+  _globals['_RUNREQUEST']._serialized_end=96
+  _globals['_RUNREPLY']._serialized_start=98
+  _globals['_RUNREPLY']._serialized_end=156
+  _globals['_KILLREQUEST']._serialized_start=158
+  _globals['_KILLREQUEST']._serialized_end=193
+  _globals['_KILLREPLY']._serialized_start=195
+  _globals['_KILLREPLY']._serialized_end=221
+  _globals['_OUTPUTREQUEST']._serialized_start=223
+  _globals['_OUTPUTREQUEST']._serialized_end=292
+  _globals['_OUTPUTCHUNK']._serialized_start=294
+  _globals['_OUTPUTCHUNK']._serialized_end=370
+  _globals['_HEARTBEATREQUEST']._serialized_start=372
+  _globals['_HEARTBEATREQUEST']._serialized_end=421
+  _globals['_HEARTBEATREPLY']._serialized_start=423
+  _globals['_HEARTBEATREPLY']._serialized_end=484
+  _globals['_HTTPREQUEST']._serialized_start=486
+  _globals['_HTTPREQUEST']._serialized_end=602
+  _globals['_HEADER']._serialized_start=604
+  _globals['_HEADER']._serialized_end=641
+  _globals['_HTTPREPLY']._serialized_start=643
+  _globals['_HTTPREPLY']._serialized_end=728
+  _globals['_AGENT']._serialized_start=731
+  _globals['_AGENT']._serialized_end=958
+  _globals['_EXECUTIONS']._serialized_start=961
+  _globals['_EXECUTIONS']._serialized_end=1128
 # @@protoc_insertion_point(module_scope)

@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RunRequest(_message.Message):
-    __slots__ = ("job", "execution")
+    __slots__ = ("job", "execution", "start_in")
     JOB_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    START_IN_FIELD_NUMBER: _ClassVar[int]
     job: bytes
     execution: bytes
-    def __init__(self, job: _Optional[bytes] = ..., execution: _Optional[bytes] = ...) -> None: ...
+    start_in: float
+    def __init__(self, job: _Optional[bytes] = ..., execution: _Optional[bytes] = ..., start_in: _Optional[float] = ...) -> None: ...
 
 class RunReply(_message.Message):
     __slots__ = ("accepted", "error", "state")

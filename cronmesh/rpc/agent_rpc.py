@@ -87,7 +87,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def __init__(
         self,
-        run: Callable[[dict[str, Any], dict[str, Any]], Awaitable[str]],
+        run: Callable[[dict[str, Any], dict[str, Any], float], Awaitable[str]],
         kill: Callable[[str], bool],
         output: Callable[[str, int], tuple[bytes, int, bool] | None],
     ) -> None:
@@ -108,7 +108,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             job = json.loads(request.job)
             execution = json.loads(request.execution)
-            state = await self._run(job, execution)
+            state = await self._run(job, execution, max(0.0, request.start_in))
         except (ValueError, KeyError, TypeError, CronmeshError) as exc:
             return agent_pb2.RunReply(accepted=False, error=str(exc))
         return agent_pb2.RunReply(accepted=True, state=state)
@@ -186,9 +186,12 @@ class AgentClient:
     def _stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         return agent_pb2_grpc.AgentStub(self.channels.get(address))
 
-    async def run(self, address: str, job: bytes, execution: bytes) -> str:
+    async def run(
+        self, address: str, job: bytes, execution: bytes, start_in: float = 0.0
+    ) -> str:
         """Hand an execution to the agent at `address`: "started", or
         "running"/"done" when an earlier hand-over already started it.
+        `start_in`: seconds until the agent starts it (a staged run).
 
         Raises:
             RunRefusedError: the agent answered that it does not run it.
@@ -197,7 +200,7 @@ class AgentClient:
         """
         try:
             reply = await self._stub(address).AgentRun(
-                agent_pb2.RunRequest(job=job, execution=execution),
+                agent_pb2.RunRequest(job=job, execution=execution, start_in=start_in),
                 timeout=CALL_TIMEOUT,
             )
         except grpc.aio.AioRpcError as exc:

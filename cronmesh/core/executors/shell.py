@@ -90,6 +90,7 @@ from cronmesh.core.executors.base import (
     check_string_config,
     parse_go_bool,
 )
+from cronmesh.core.executors.gate import GATE_FD, GATE_NAME, GATE_SCRIPT, StartGate
 from cronmesh.errors import ValidationError
 
 __all__ = [
@@ -597,6 +598,8 @@ class ShellExecutor:
     """
 
     name = "shell"
+    # `run` takes a StartGate (core/executors/gate.py).
+    gates = True
 
     def __init__(
         self,
@@ -631,8 +634,15 @@ class ShellExecutor:
         env_extra: dict[str, str] | None = None,
         cancel: asyncio.Event | None = None,
         on_start: Callable[[int, Callable[[], bool]], None] | None = None,
+        gate: StartGate | None = None,
     ) -> ExecResult:
         """Run the command once and return how it went.
+
+        ``gate``: a staged run starts its process now, held back until the
+        gate opens (see core/executors/gate.py); a job the gate cannot
+        hold (one that needs Popen, or whose program is not found, so that
+        the usual error is reported) waits for the gate and starts then.
+        Its timeout counts from the gate's opening either way.
 
         ``on_start(pid, reaped)`` is called right after the job's first
         process started; its pid is also its process group's id, and
@@ -653,6 +663,11 @@ class ShellExecutor:
             cfg = _cached_config(config)
         except ValidationError as exc:
             return _fail(out, f"invalid config: {exc}", str(exc))
+        if gate is not None and gate.is_open:
+            gate = None
+        if gate is not None and not _can_gate(cfg):
+            await _wait_gate(gate, cancel)
+            gate = None
         if cancel is not None and cancel.is_set():
             return _fail(out, "job killed on request before it started", "killed")
         if cfg.mem_limit and not os.path.exists("/proc/self/stat"):
@@ -661,13 +676,23 @@ class ShellExecutor:
         try:
             spawn_kwargs = _spawn_kwargs(cfg, job_name, execution_id, env_extra)
         except LookupError as exc:
+            if gate is not None:
+                await _wait_gate(gate, cancel)
             return _fail(out, f"cannot start: {exc}", str(exc))
+        if gate is not None and not _findable(cfg.argv[0], spawn_kwargs["env"]):
+            # Started ungated at the instant, it fails with the usual error.
+            await _wait_gate(gate, cancel)
+            gate = None
+            if cancel is not None and cancel.is_set():
+                return _fail(out, "job killed on request before it started", "killed")
         loop = asyncio.get_running_loop()
         protocol = _JobProtocol(out, loop, self.pipe_check_interval)
         transport: asyncio.SubprocessTransport
         try:
             if _can_posix_spawn(cfg):
-                transport = await _SpawnedJob.start(loop, protocol, cfg, spawn_kwargs)
+                transport = await _SpawnedJob.start(
+                    loop, protocol, cfg, spawn_kwargs, gate
+                )
             else:
                 # Limitation: if this task is cancelled during the spawn itself,
                 # asyncio kills only the new pid, not its group.
@@ -683,7 +708,7 @@ class ShellExecutor:
             on_start(
                 transport.get_pid(), lambda: transport.get_returncode() is not None
             )
-        return await self._supervise(cfg, transport, protocol, cancel)
+        return await self._supervise(cfg, transport, protocol, cancel, gate)
 
     async def _supervise(
         self,
@@ -691,18 +716,30 @@ class ShellExecutor:
         transport: asyncio.SubprocessTransport,
         protocol: _JobProtocol,
         cancel: asyncio.Event | None,
+        gate: StartGate | None = None,
     ) -> ExecResult:
         loop = asyncio.get_running_loop()
         killer = _Kill(transport.get_pid(), loop)
         protocol.on_sink_error = lambda: killer.kill("aborted", "sink failed", "")
         helpers = self._start_helpers(cfg, killer, cancel)
+        held = 0.0  # seconds until the gate opens, when the timeout starts
         try:
+            if gate is not None and not gate.is_open:
+                if gate.at is not None:
+                    # Nothing to wake at the opening: all runs of an instant
+                    # open together, and their agent has better things to do.
+                    held = max(0.0, gate.at - loop.time())
+                else:
+                    await asyncio.wait(
+                        [gate.released, protocol.finished, killer.happened],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
             if cfg.payload is not None:
                 stdin = transport.get_pipe_transport(0)
                 assert isinstance(stdin, asyncio.WriteTransport)
                 stdin.write(cfg.payload)
                 stdin.close()  # flushes first, then the job sees EOF
-            timeout = cfg.timeout_ns / 1e9 if cfg.timeout_ns else None
+            timeout = held + cfg.timeout_ns / 1e9 if cfg.timeout_ns else None
             done, _ = await asyncio.wait(
                 [protocol.finished, killer.happened],
                 timeout=timeout,
@@ -869,6 +906,34 @@ def _can_posix_spawn(cfg: ShellConfig) -> bool:
     return _PIDFD and cfg.cwd is None and cfg.su is None and cfg.payload is None
 
 
+def _can_gate(cfg: ShellConfig) -> bool:
+    return _can_posix_spawn(cfg) and os.access(_SHELL[0], os.X_OK)
+
+
+def _findable(program: str, env: dict[bytes, bytes]) -> bool:
+    """Whether ``program`` resolves to an executable file, searched as
+    ``_spawn_path`` (and the gate's shell, with the same PATH) search it."""
+    if os.path.dirname(program):
+        candidates = [program]
+    else:
+        candidates = [os.path.join(d, program) for d in os.get_exec_path(env)]  # type: ignore[arg-type]
+    return any(os.path.isfile(c) and os.access(c, os.X_OK) for c in candidates)
+
+
+async def _wait_gate(gate: StartGate, cancel: asyncio.Event | None) -> None:
+    """Until ``gate`` opens or ``cancel`` is set."""
+    if gate.is_open:
+        return
+    waits: list[asyncio.Future[Any]] = [gate.released]
+    if cancel is not None:
+        waits.append(asyncio.ensure_future(cancel.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits[1:]:
+            waiter.cancel()
+
+
 class _SpawnedJob(asyncio.SubprocessTransport):
     """A job started by ``os.posix_spawn``, driving a ``_JobProtocol``.
 
@@ -905,16 +970,26 @@ class _SpawnedJob(asyncio.SubprocessTransport):
         protocol: _JobProtocol,
         cfg: ShellConfig,
         kwargs: dict[str, Any],
+        gate: StartGate | None = None,
     ) -> _SpawnedJob:
         """Spawn ``cfg.argv`` in a new session; OSError if it cannot start.
 
+        With ``gate``, the process starts held at it (core/executors/gate.py).
         The spawn runs in a spawn thread (see ``_Spawner``, ``_SpawnPool``).
         If this task is cancelled meanwhile, whatever it started is killed.
         """
+        argv, gate_fd = cfg.argv, -1
+        if gate is not None:
+            argv = ("/bin/sh", "-c", GATE_SCRIPT, GATE_NAME, *cfg.argv)
+            gate_fd = gate.hold()
         # A cancellation while the thread spawns cancels `spawned`; the pool
         # then kills and reaps whatever the thread started.
-        spawned = _SPAWN_POOL.submit(loop, _spawn_job, cfg.argv, kwargs["env"])
-        pid, read_fd = await spawned
+        spawned = _SPAWN_POOL.submit(loop, _spawn_job, argv, kwargs["env"], gate_fd)
+        try:
+            pid, read_fd = await spawned
+        finally:
+            if gate is not None:
+                gate.unhold()
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -1189,8 +1264,11 @@ SPAWN_THREADS = 4
 _SPAWN_POOL = _SpawnPool(SPAWN_THREADS)
 
 
-def _spawn_job(argv: tuple[str, ...], env: dict[bytes, bytes]) -> tuple[int, int]:
+def _spawn_job(
+    argv: tuple[str, ...], env: dict[bytes, bytes], gate_fd: int = -1
+) -> tuple[int, int]:
     """Start ``argv`` with its output on a new pipe: (pid, our read end).
+    ``gate_fd`` (if not -1) becomes the child's descriptor 3.
 
     The pipe is made here, in the spawn thread, so that jobs waiting for a
     thread hold no descriptors.
@@ -1199,7 +1277,7 @@ def _spawn_job(argv: tuple[str, ...], env: dict[bytes, bytes]) -> tuple[int, int
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
         os.set_blocking(read_fd, False)
-        pid = _spawn_path(argv, env, write_fd)
+        pid = _spawn_path(argv, env, write_fd, gate_fd)
     except BaseException:
         os.close(read_fd)
         raise
@@ -1208,7 +1286,9 @@ def _spawn_job(argv: tuple[str, ...], env: dict[bytes, bytes]) -> tuple[int, int
     return pid, read_fd
 
 
-def _spawn_path(argv: tuple[str, ...], env: dict[bytes, bytes], write_fd: int) -> int:
+def _spawn_path(
+    argv: tuple[str, ...], env: dict[bytes, bytes], write_fd: int, gate_fd: int = -1
+) -> int:
     """posix_spawn ``argv`` with Popen's PATH search; return the pid.
 
     Like Popen (and execvpe), a name without a slash is looked up in the
@@ -1227,6 +1307,8 @@ def _spawn_path(argv: tuple[str, ...], env: dict[bytes, bytes], write_fd: int) -
         (os.POSIX_SPAWN_DUP2, write_fd, 2),
         *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()),
     ]
+    if gate_fd >= 0:
+        file_actions.append((os.POSIX_SPAWN_DUP2, gate_fd, GATE_FD))
     envp = [key + b"=" + value for key, value in env.items()]
     first_error = 0
     for path in candidates:

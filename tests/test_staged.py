@@ -1,0 +1,192 @@
+"""Staged runs: processes started ahead of their instant, held at a gate.
+
+The executor level (core/executors/gate.py, the shell executor's `gate`);
+the cluster level (a staged run starts at its instant on its worker) is in
+tests/test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from cronmesh.core.executors.base import OutputBuffer
+from cronmesh.core.executors.gate import StartGate
+from cronmesh.core.executors.shell import ShellExecutor
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _env(output: bytes) -> list[str]:
+    """The `env` lines of `output`, sorted, without the shell-kept `$_`."""
+    return sorted(x for x in output.decode().splitlines() if "=" in x and x[:2] != "_=")
+
+
+def test_a_gated_process_runs_its_command_only_when_the_gate_opens() -> None:
+    async def main() -> dict[str, object]:
+        executor = ShellExecutor()
+        loop = asyncio.get_running_loop()
+        gate = StartGate(loop)
+        seen: dict[str, object] = {"pids": []}
+
+        def open_gate() -> None:
+            seen["opened_at"] = time.time()
+            gate.open()
+
+        loop.call_later(0.4, open_gate)
+        script = (
+            "date +%s.%N; echo $$; "
+            "if [ -e /proc/$$/fd/3 ]; then echo fd3-open; else echo fd3-closed; fi; "
+            "/usr/bin/env"
+        )
+        gated = await executor.run(
+            {"command": f"/bin/sh -c '{script}'"},
+            OutputBuffer(100_000),
+            job_name="g",
+            execution_id="e1",
+            gate=gate,
+            on_start=lambda pid, reaped: seen["pids"].append(pid),  # type: ignore[attr-defined]
+        )
+        assert gated.success, gated.output
+        direct = await executor.run(
+            {"command": "/usr/bin/env"},
+            OutputBuffer(100_000),
+            job_name="g",
+            execution_id="e1",
+        )
+        lines = gated.output.decode().splitlines()
+        seen.update(
+            ran_at=float(lines[0]),
+            pid=int(lines[1]),
+            fd3=lines[2],
+            env=_env(gated.output),
+            direct_env=_env(direct.output),
+        )
+        return seen
+
+    seen = run(main())
+    assert isinstance(seen, dict)
+    # Not before the gate opened; the same process (and group) that started.
+    assert seen["ran_at"] >= seen["opened_at"]
+    assert seen["pids"] == [seen["pid"]]
+    # The gate's descriptor 3 is closed; the environment is the job's own
+    # (only the shell-kept `$_` differs).
+    assert seen["fd3"] == "fd3-closed"
+    assert seen["env"] == seen["direct_env"] and seen["env"]
+
+
+def test_a_staged_run_killed_before_its_instant_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    async def main() -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        gate = StartGate(loop)
+        loop.call_later(1.0, gate.open)
+        cancel = asyncio.Event()
+        loop.call_later(0.2, cancel.set)
+        result = await ShellExecutor().run(
+            {"command": f"touch {marker}"},
+            OutputBuffer(10_000),
+            job_name="k",
+            execution_id="e2",
+            gate=gate,
+            cancel=cancel,
+        )
+        return result.success, result.output.decode()
+
+    success, output = run(main())  # type: ignore[misc]
+    assert not success and "killed on request" in output
+    time.sleep(0.1)
+    assert not marker.exists()
+
+
+def test_a_gate_closed_without_opening_runs_nothing(tmp_path: Path) -> None:
+    """What a crashed agent leaves: the write end closes, the shells exit."""
+    marker = tmp_path / "ran"
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        gate = StartGate(loop)
+        loop.call_later(0.2, gate.close)
+        result = await ShellExecutor().run(
+            {"command": f"touch {marker}"},
+            OutputBuffer(10_000),
+            job_name="c",
+            execution_id="e3",
+            gate=gate,
+        )
+        return result.success
+
+    assert run(main()) is False
+    assert not marker.exists()
+
+
+def test_a_missing_program_fails_at_the_instant_with_the_usual_error() -> None:
+    async def main() -> tuple[bool, str, float]:
+        loop = asyncio.get_running_loop()
+        gate = StartGate(loop)
+        loop.call_later(0.3, gate.open)
+        began = time.monotonic()
+        result = await ShellExecutor().run(
+            {"command": "no-such-program-here --x"},
+            OutputBuffer(10_000),
+            job_name="m",
+            execution_id="e4",
+            gate=gate,
+        )
+        return result.success, result.output.decode(), time.monotonic() - began
+
+    success, output, waited = run(main())  # type: ignore[misc]
+    assert not success
+    assert (
+        output == "[cronmesh] cannot start: command not found: no-such-program-here\n"
+    )
+    assert waited >= 0.29  # reported at the instant, not when staged
+
+
+def test_the_timeout_of_a_gated_run_counts_from_the_gate() -> None:
+    async def main() -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        gate = StartGate(loop)
+        loop.call_later(1.0, gate.open)
+        result = await ShellExecutor().run(
+            {"command": "sleep 0.3", "timeout": "1s"},
+            OutputBuffer(10_000),
+            job_name="t",
+            execution_id="e5",
+            gate=gate,
+        )
+        return result.success, result.output.decode()
+
+    success, output = run(main())
+    assert success, output
+
+
+def test_one_gate_releases_many_runs_and_each_runs_once(tmp_path: Path) -> None:
+    async def main() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        gate = StartGate(loop)
+        executor = ShellExecutor()
+        runs = [
+            executor.run(
+                {"command": f"touch {tmp_path}/{i}"},
+                OutputBuffer(1000),
+                job_name="many",
+                execution_id=f"m{i}",
+                gate=gate,
+            )
+            for i in range(40)
+        ]
+        tasks = [asyncio.ensure_future(r) for r in runs]
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in tasks)
+        assert not os.listdir(tmp_path)
+        gate.open()
+        return [r.success for r in await asyncio.gather(*tasks)]
+
+    assert run(main()) == [True] * 40
+    assert sorted(os.listdir(tmp_path), key=int) == [str(i) for i in range(40)]
