@@ -242,10 +242,14 @@ class Dispatcher:
         if staged is not None and (
             job.concurrency == CONCURRENCY_FORBID or not targets
         ):
-            await asyncio.sleep(max(0.0, (staged - self.clock()).total_seconds()))
-            staged = None
-            job = self.store.get_job(job_name) or job
-            targets, why_none = self._targets(job, node)
+            # Decided at the instant instead, by a fire of its own, so that
+            # waiting holds no place in the scheduler's window.
+            delay = (staged - self.clock()).total_seconds()
+            self._later(
+                delay,
+                lambda: self.fire(job_name, fire_at=staged, trigger="schedule"),
+            )
+            return FireOutcome(skipped="decided at its instant")
         started = self._started_at() if staged is None else self._staged_start(staged)
         group_id = group if group is not None else to_ns(started)
         executions = [
