@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cronmesh.core.dispatcher import FireOutcome
 from cronmesh.core.fsm import StateMachine, encode_command
 from cronmesh.core.model import Execution, format_time
 from cronmesh.core.scheduler import Scheduler
@@ -22,8 +23,9 @@ class FakeDispatcher:
     def __init__(self) -> None:
         self.fires: list[tuple[str, datetime]] = []
 
-    async def fire(self, name: str, *, fire_at: datetime, trigger: str) -> None:
+    async def fire(self, name: str, *, fire_at: datetime, trigger: str) -> FireOutcome:
         self.fires.append((name, fire_at))
+        return FireOutcome()
 
 
 class World:
@@ -45,12 +47,13 @@ class World:
         self.index += 1
         return self.fsm.apply_batch([(self.index, encode_command(op, **fields))])[0]
 
-    def add_job(self, name: str, schedule: str) -> None:
+    def add_job(self, name: str, schedule: str, **extra: Any) -> None:
         job = {
             "name": name,
             "schedule": schedule,
             "executor": "shell",
             "executor_config": {"command": "true"},
+            **extra,
         }
         assert self.apply("set_job", job=job).ok
 
@@ -145,3 +148,34 @@ def test_one_shot_job_with_a_committed_fire_is_not_scheduled(world: World) -> No
     world.record_fire("once", at)
     world.scheduler._load(world.store.get_job("once"))  # type: ignore[arg-type]
     assert world.scheduler.next_fire("once") is None
+
+
+def test_runs_are_staged_ahead_of_their_instant_but_forbid_jobs_are_not(
+    world: World,
+) -> None:
+    world.add_job("hourly", "0 0 * * * *")
+    world.add_job("secondly", "@every 1s")
+    world.add_job("held", "0 0 * * * *", concurrency="forbid")
+    hour = T0 + timedelta(hours=1)
+    for name in ("hourly", "secondly", "held"):
+        world.record_fire(
+            name, hour - timedelta(seconds=2) if name == "secondly" else T0
+        )
+        world.scheduler._load(world.store.get_job(name))  # type: ignore[arg-type]
+    world.now = hour - timedelta(seconds=1.5)
+    assert world.run_due() == [hour - timedelta(seconds=1)]  # 0.9 s ahead of it
+    # 1 s ahead (the default), or 90 % of the gap for an every-second job.
+    world.now = hour - timedelta(seconds=1)
+    assert world.run_due() == [hour]
+    fired = world.dispatcher.fires
+    assert ("hourly", hour) in fired and ("held", hour) not in fired
+    # Until its instant comes, the staged instant is still the job's next.
+    assert world.scheduler.next_fire("hourly") == hour
+    world.now = hour
+    assert sorted(world.run_due()) == [hour, hour]  # held, and secondly 0.9 s ago
+    assert ("held", hour) in world.dispatcher.fires
+    assert world.scheduler.next_fire("hourly") == hour + timedelta(hours=1)
+    world.now = hour + timedelta(seconds=0.05)
+    assert world.run_due() == []
+    world.now = hour + timedelta(seconds=0.1)
+    assert world.run_due() == [hour + timedelta(seconds=1)]
