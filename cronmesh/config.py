@@ -379,6 +379,7 @@ SETTINGS: tuple[Setting, ...] = (
         "to its agent, which starts it at the instant (0: at the instant).",
         dkron=False,
         minimum=0,
+        maximum=60,
     ),
     Setting(
         "shutdown-grace",

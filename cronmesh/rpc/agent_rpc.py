@@ -35,6 +35,9 @@ __all__ = [
     "ServerLink",
 ]
 
+# A staged run is held this long at most (--stage-ahead allows up to 60 s).
+MAX_START_IN = 60.0
+
 log = logging.getLogger("cronmesh.rpc")
 
 CALL_TIMEOUT = 5.0
@@ -108,7 +111,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             job = json.loads(request.job)
             execution = json.loads(request.execution)
-            state = await self._run(job, execution, max(0.0, request.start_in))
+            start_in = min(max(0.0, request.start_in), MAX_START_IN)
+            state = await self._run(job, execution, start_in)
         except (ValueError, KeyError, TypeError, CronmeshError) as exc:
             return agent_pb2.RunReply(accepted=False, error=str(exc))
         return agent_pb2.RunReply(accepted=True, state=state)
