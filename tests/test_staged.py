@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from cronmesh.core.executors.base import OutputBuffer
 from cronmesh.core.executors.gate import StartGate
 from cronmesh.core.executors.shell import ShellExecutor
@@ -26,7 +28,11 @@ def _env(output: bytes) -> list[str]:
     return sorted(x for x in output.decode().splitlines() if "=" in x and x[:2] != "_=")
 
 
-def test_a_gated_process_runs_its_command_only_when_the_gate_opens() -> None:
+@pytest.mark.parametrize("shell", ["false", "true"])
+def test_a_gated_process_runs_its_command_only_when_the_gate_opens(shell: str) -> None:
+    """Held by a shell of its own, which execs the job's argv (`/bin/sh -c
+    SCRIPT` for `shell: true`) in the same process."""
+
     async def main() -> dict[str, object]:
         executor = ShellExecutor()
         loop = asyncio.get_running_loop()
@@ -43,8 +49,9 @@ def test_a_gated_process_runs_its_command_only_when_the_gate_opens() -> None:
             "if [ -e /proc/$$/fd/3 ]; then echo fd3-open; else echo fd3-closed; fi; "
             "/usr/bin/env"
         )
+        command = script if shell == "true" else f"/bin/sh -c '{script}'"
         gated = await executor.run(
-            {"command": f"/bin/sh -c '{script}'"},
+            {"command": command, "shell": shell},
             OutputBuffer(100_000),
             job_name="g",
             execution_id="e1",
@@ -146,6 +153,28 @@ def test_a_missing_program_fails_at_the_instant_with_the_usual_error() -> None:
         output == "[cronmesh] cannot start: command not found: no-such-program-here\n"
     )
     assert waited >= 0.29  # reported at the instant, not when staged
+
+
+def test_a_shell_script_with_a_syntax_error_fails_at_the_instant() -> None:
+    async def main() -> tuple[bool, str, float]:
+        loop = asyncio.get_running_loop()
+        gate = StartGate(loop)
+        loop.call_later(0.3, gate.open)
+        began = time.monotonic()
+        result = await ShellExecutor().run(
+            {"command": "echo before; if then fi", "shell": "true"},
+            OutputBuffer(10_000),
+            job_name="s",
+            execution_id="e6",
+            gate=gate,
+        )
+        return result.success, result.output.decode(), time.monotonic() - began
+
+    success, output, waited = run(main())  # type: ignore[misc]
+    # The message of an ungated run, line number included.
+    assert output.startswith("/bin/sh: 1: Syntax error:"), output
+    assert "exit status 2" in output and "before" not in output
+    assert waited >= 0.29
 
 
 def test_the_timeout_of_a_gated_run_counts_from_the_gate() -> None:
