@@ -173,7 +173,7 @@ def test_a_shell_script_with_a_syntax_error_fails_at_the_instant() -> None:
     success, output, waited = run(main())  # type: ignore[misc]
     # The message of an ungated run, line number included.
     assert output.startswith("/bin/sh: 1: Syntax error:"), output
-    assert "exit status 2" in output and "before" not in output
+    assert not success and "exit status 2" in output and "before" not in output
     assert waited >= 0.29
 
 
