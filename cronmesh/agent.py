@@ -40,7 +40,7 @@ from cronmesh.core.liveness import (
     VERDICT_HANDOVER,
     LivenessWatch,
 )
-from cronmesh.core.model import Execution, Job, format_time
+from cronmesh.core.model import Execution, Job, format_time, to_ns
 from cronmesh.core.notify import Notifier as Notifications
 from cronmesh.core.notify import NotifySettings
 from cronmesh.core.runner import Runner
@@ -51,6 +51,7 @@ from cronmesh.errors import (
     ConflictError,
     CronmeshError,
     NotFoundError,
+    RunRefusedError,
     TransportError,
     UnavailableError,
     ValidationError,
@@ -74,7 +75,7 @@ from cronmesh.rpc.agent_rpc import (
 from cronmesh.rpc.tls import RpcSecurity
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.outbox import Outbox
-from cronmesh.storage.state import StateStore
+from cronmesh.storage.state import StateStore, split_execution_id
 from cronmesh.systemd import Notifier, Phase
 
 __all__ = ["RESERVED_TAGS", "Agent", "AgentConfig", "parse_addr"]
@@ -86,6 +87,14 @@ LEADER_SILENCE = 3 * HEARTBEAT_INTERVAL
 # Tags the agent sets itself; `--tag` may not set them: Dkron's reserved
 # tags but `role` (users target jobs with it), and the cluster's id.
 RESERVED_TAGS = (*(t for t in GOSSIP_RESERVED_TAGS if t != "role"), "cluster")
+
+# A new leader hands runs committed this recently (seconds, by their start)
+# to their agents again (`_hand_over_inherited`).
+INHERITED_RECENT = 10.0
+INHERITED_PARALLEL = 32  # hand-overs at once
+# An agent that does not answer is asked again, after these pauses (s).
+INHERITED_PAUSE = 0.5
+INHERITED_PAUSE_MAX = 4.0
 
 log = logging.getLogger("cronmesh.agent")
 
@@ -643,7 +652,7 @@ class Agent:
 
     async def _send_run(
         self, node: str, job: Job, execution: Execution, start_in: float = 0.0
-    ) -> None:
+    ) -> str:
         address = self.rpc_address(node)
         state = await self.agents.run(
             address,
@@ -658,6 +667,7 @@ class Agent:
                 node,
                 state,
             )
+        return state
 
     def _handover_unanswered(self, execution: Execution) -> None:
         """Dispatcher: the agent never answered; heartbeats settle the run."""
@@ -1021,6 +1031,81 @@ class Agent:
                 self.scheduler.start()
             except Exception:
                 log.exception("scheduler failed to start node=%s", self.node_name)
+        self._spawn(self._hand_over_inherited())
+
+    async def _hand_over_inherited(self) -> None:
+        """New leader: hand the recent runs its predecessor committed to their
+        agents again. It may have died between a run's commit and its
+        hand-over (for a staged run, before its instant even came), and
+        that run would then wait for the liveness timeout to be failed,
+        never having run. An agent answers for an execution id it has
+        ("running"/"done") and starts nothing twice, so asking is safe."""
+        try:
+            await self.consistent_read()  # everything the old leader committed
+        except CronmeshError as exc:
+            log.debug("inherited runs not handed over again error=%s", exc)
+            return
+        horizon = to_ns(datetime.now(UTC)) - int(INHERITED_RECENT * 1e9)
+        recent = [
+            ref
+            for ref in self.store.running_refs()
+            if split_execution_id(ref.id)[0] >= horizon
+        ]
+        if not recent:
+            return
+        gate = asyncio.Semaphore(INHERITED_PARALLEL)
+
+        async def one(job_name: str, exec_id: str) -> None:
+            async with gate:
+                await self._hand_over_again(job_name, exec_id)
+
+        await asyncio.gather(*(one(ref.job_name, ref.id) for ref in recent))
+
+    async def _hand_over_again(self, job_name: str, exec_id: str) -> None:
+        """Ask until the agent answers, the run ends (its report, or the
+        liveness watch failing it), or this node stops leading."""
+        pause = INHERITED_PAUSE
+        deadline = time.monotonic() + self.config.execution_timeout
+        while time.monotonic() < deadline:
+            if not self.is_leader() or self._stop.is_set():
+                return
+            execution = self.store.get_execution(job_name, exec_id)
+            job = self.store.get_job(job_name)
+            if execution is None or not execution.running or job is None:
+                return
+            start_in = max(0.0, to_ns(execution.started_at) / 1e9 - time.time())
+            try:
+                if execution.node_name == self.node_name:
+                    started = await self.runner.accept(
+                        job, execution, start_in=start_in
+                    )
+                    state = "started" if started else "running"
+                else:
+                    state = await self._send_run(
+                        execution.node_name, job, execution, start_in
+                    )
+            except RunRefusedError as exc:
+                log.debug("inherited run refused execution=%s error=%s", exec_id, exc)
+                return  # liveness settles it
+            except CronmeshError as exc:
+                log.debug(
+                    "inherited run not handed over again execution=%s error=%s",
+                    exec_id,
+                    exc,
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, INHERITED_PAUSE_MAX)
+                continue
+            if state == "started":
+                log.info(
+                    "inherited run handed over again: the previous leader "
+                    "committed it but its agent did not have it job=%s "
+                    "execution=%s node=%s",
+                    job_name,
+                    exec_id,
+                    execution.node_name,
+                )
+            return
 
     async def _follow(self) -> None:
         self.dispatcher.active = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -443,5 +445,51 @@ def test_leader_and_agent_kills_lose_and_double_nothing(tmp_path: Path) -> None:
         assert ended and all(run["finished_at"] for run in ended), ended
         lost = [r for r in ended if r["success"] is False]
         assert lost and all("[cronmesh]" in r["output"] for r in lost), lost
+    finally:
+        stop_all(nodes)
+
+
+def test_a_new_leader_hands_over_a_run_its_predecessor_never_delivered(
+    tmp_path: Path,
+) -> None:
+    """The leader commits a run, cannot hand it to its agent (stopped), and
+    dies. The next leader hands it over again: it runs once, late, instead
+    of waiting for the liveness timeout to be failed without having run."""
+    nodes = start_mesh(tmp_path)
+    try:
+        lead = leader_of(nodes)
+        w1 = by_name(nodes, "w1")
+        job = shell_job(
+            "undelivered",
+            "echo ran-$CRONMESH_EXECUTION_ID",
+            tags={"id": "w1"},
+            config={"shell": "true"},
+        )
+        assert lead.post_job(job).status_code == 201
+        assert w1.proc is not None
+        w1.proc.send_signal(signal.SIGSTOP)
+        try:
+            run = lead.http.post("/v1/jobs/undelivered/run")
+            assert run.status_code == 202, run.text
+            exec_id = run.headers["X-Execution-Id"]
+            time.sleep(1.0)  # the hand-over waits for the stopped agent
+            lead.kill9()
+            # Past the hand-over's gRPC deadline: w1 refuses that call.
+            time.sleep(6.0)
+        finally:
+            w1.proc.send_signal(signal.SIGCONT)
+        survivors = [n for n in nodes if n.server and n is not lead]
+        new_lead = leader_of(survivors)
+
+        def ended() -> dict[str, Any] | None:
+            for entry in new_lead.executions("undelivered"):
+                if entry["id"] == exec_id and entry["finished_at"]:
+                    return entry
+            return None
+
+        done = new_lead.wait_for("the run to end", ended, timeout=40)
+        assert done["success"] is True, done
+        assert done["output"].strip() == f"ran-{exec_id}", done
+        assert len(new_lead.executions("undelivered")) == 1
     finally:
         stop_all(nodes)
