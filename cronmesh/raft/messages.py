@@ -303,6 +303,15 @@ def _put_str(parts: list[bytes], text: str) -> None:
 
 
 def _encode_v2(msg: Message) -> bytes:
+    # Limitation: a node id over 65,535 bytes of UTF-8, or a negative int
+    # (neither is made by the core), cannot be encoded (ValueError).
+    try:
+        return _pack_v2(msg)
+    except struct.error as exc:
+        raise ValueError(f"raft: cannot encode {msg!r:.200}: {exc}") from exc
+
+
+def _pack_v2(msg: Message) -> bytes:
     cls = type(msg)
     parts = [_HEADER.pack(_MAGIC, 2, _CODES[cls])]
     for seg in _SEGMENTS[cls]:

@@ -97,12 +97,13 @@ class _Peer:
 
     def connect(self, address: str) -> raft_pb2_grpc.RaftStub:
         if self.stub is None or address != self.address:
+            if self.stub is not None:  # moved: maybe another build now
+                self.wire = 1
             self.drop_stream()
             if self.channel is not None:
                 self.closing = asyncio.ensure_future(self.channel.close())
             self.address = address
             self.unary_only = False
-            self.wire = 1
             self.channel = self.security.channel(address, options=CHANNEL_OPTIONS)
             self.stub = raft_pb2_grpc.RaftStub(self.channel)
         return self.stub
@@ -327,7 +328,7 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         """Note that `sender` decodes wire versions up to `wire`."""
         version = min(wire, WIRE_VERSION)
         peer = self._peers.get(sender)
-        if peer is not None and peer.wire != version:
+        if peer is not None:
             peer.wire = version
         if self._wire.get(sender) != version:
             self._wire[sender] = version

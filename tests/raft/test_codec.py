@@ -226,3 +226,8 @@ def test_header_is_versioned() -> None:
     msg = TimeoutNow(to="a", frm="b", term=3)
     assert encode(msg)[:4] == b"RF\x02\x07"
     assert encode(msg, 1)[:4] == b"RF\x01\x07"
+
+
+def test_a_node_id_too_long_for_version_2_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cannot encode TimeoutNow"):
+        encode(TimeoutNow(to="a" * 70_000, frm="b", term=1))
