@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nraft.proto\x12\x10\x63ronmesh.raft.v1\"@\n\x0bRaftMessage\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x12\n\ncluster_id\x18\x03 \x01(\t\"\x05\n\x03\x41\x63k\"?\n\tRaftBatch\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\x12\x12\n\ncluster_id\x18\x03 \x01(\t\"5\n\x0eProposeRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\x12\n\ncluster_id\x18\x02 \x01(\t\"J\n\x0cProposeReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06leader\x18\x04 \x01(\t2\xef\x03\n\x04Raft\x12\x45\n\rAppendEntries\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12\x43\n\x0bRequestVote\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12I\n\x0fInstallSnapshot\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack(\x01\x12\x42\n\nTimeoutNow\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12?\n\x07\x44\x65liver\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12>\n\x06Stream\x12\x1b.cronmesh.raft.v1.RaftBatch\x1a\x15.cronmesh.raft.v1.Ack(\x01\x12K\n\x07Propose\x12 .cronmesh.raft.v1.ProposeRequest\x1a\x1e.cronmesh.raft.v1.ProposeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nraft.proto\x12\x10\x63ronmesh.raft.v1\"N\n\x0bRaftMessage\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x0c\n\x04wire\x18\x04 \x01(\r\"\x05\n\x03\x41\x63k\"M\n\tRaftBatch\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x0c\n\x04wire\x18\x04 \x01(\r\"5\n\x0eProposeRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\x0c\x12\x12\n\ncluster_id\x18\x02 \x01(\t\"J\n\x0cProposeReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06leader\x18\x04 \x01(\t2\xef\x03\n\x04Raft\x12\x45\n\rAppendEntries\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12\x43\n\x0bRequestVote\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12I\n\x0fInstallSnapshot\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack(\x01\x12\x42\n\nTimeoutNow\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12?\n\x07\x44\x65liver\x12\x1d.cronmesh.raft.v1.RaftMessage\x1a\x15.cronmesh.raft.v1.Ack\x12>\n\x06Stream\x12\x1b.cronmesh.raft.v1.RaftBatch\x1a\x15.cronmesh.raft.v1.Ack(\x01\x12K\n\x07Propose\x12 .cronmesh.raft.v1.ProposeRequest\x1a\x1e.cronmesh.raft.v1.ProposeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RAFTMESSAGE']._serialized_start=32
-  _globals['_RAFTMESSAGE']._serialized_end=96
-  _globals['_ACK']._serialized_start=98
-  _globals['_ACK']._serialized_end=103
-  _globals['_RAFTBATCH']._serialized_start=105
-  _globals['_RAFTBATCH']._serialized_end=168
-  _globals['_PROPOSEREQUEST']._serialized_start=170
-  _globals['_PROPOSEREQUEST']._serialized_end=223
-  _globals['_PROPOSEREPLY']._serialized_start=225
-  _globals['_PROPOSEREPLY']._serialized_end=299
-  _globals['_RAFT']._serialized_start=302
-  _globals['_RAFT']._serialized_end=797
+  _globals['_RAFTMESSAGE']._serialized_end=110
+  _globals['_ACK']._serialized_start=112
+  _globals['_ACK']._serialized_end=117
+  _globals['_RAFTBATCH']._serialized_start=119
+  _globals['_RAFTBATCH']._serialized_end=196
+  _globals['_PROPOSEREQUEST']._serialized_start=198
+  _globals['_PROPOSEREQUEST']._serialized_end=251
+  _globals['_PROPOSEREPLY']._serialized_start=253
+  _globals['_PROPOSEREPLY']._serialized_end=327
+  _globals['_RAFT']._serialized_start=330
+  _globals['_RAFT']._serialized_end=825
 # @@protoc_insertion_point(module_scope)

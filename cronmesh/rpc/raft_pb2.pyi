@@ -7,26 +7,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RaftMessage(_message.Message):
-    __slots__ = ("payload", "cluster_id")
+    __slots__ = ("payload", "cluster_id", "wire")
     FROM_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     cluster_id: str
-    def __init__(self, payload: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., **kwargs) -> None: ...
+    wire: int
+    def __init__(self, payload: _Optional[bytes] = ..., cluster_id: _Optional[str] = ..., wire: _Optional[int] = ..., **kwargs) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RaftBatch(_message.Message):
-    __slots__ = ("payloads", "cluster_id")
+    __slots__ = ("payloads", "cluster_id", "wire")
     FROM_FIELD_NUMBER: _ClassVar[int]
     PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FIELD_NUMBER: _ClassVar[int]
     payloads: _containers.RepeatedScalarFieldContainer[bytes]
     cluster_id: str
-    def __init__(self, payloads: _Optional[_Iterable[bytes]] = ..., cluster_id: _Optional[str] = ..., **kwargs) -> None: ...
+    wire: int
+    def __init__(self, payloads: _Optional[_Iterable[bytes]] = ..., cluster_id: _Optional[str] = ..., wire: _Optional[int] = ..., **kwargs) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("command", "cluster_id")

@@ -19,6 +19,13 @@ Received messages are decoded here and handed to `on_message`; a payload
 that does not decode is a peer's fault (RemoteError), answered with
 INVALID_ARGUMENT and never passed on.
 
+Wire versions: every request says which version of the message codec the
+sender decodes (`wire`, cronmesh/raft/messages.py). A peer gets version 1
+(JSON, what every build reads) until a request from it has said it reads
+version 2 (binary, much cheaper); after a failed send it gets version 1
+again until it says so anew, so a peer downgraded to an older build is
+not sent what it cannot read for longer than that.
+
 Every request carries the sender's cluster id (`cluster_id`, read when
 sending). `admit(sender, cluster_id)` vets each received Raft message
 first: a reason it returns refuses the request with FAILED_PRECONDITION
@@ -37,6 +44,7 @@ import grpc
 
 from cronmesh.errors import RemoteError
 from cronmesh.raft.messages import (
+    WIRE_VERSION,
     AppendEntries,
     InstallSnapshot,
     Message,
@@ -84,9 +92,13 @@ class _Peer:
         # The peer has no Stream (an older build). Limitation: kept until its
         # address changes, so an upgraded peer gets unary calls until then.
         self.unary_only = False
+        # The newest wire version the peer said it decodes (1 until it has).
+        self.wire = 1
 
     def connect(self, address: str) -> raft_pb2_grpc.RaftStub:
         if self.stub is None or address != self.address:
+            if self.stub is not None:  # moved: maybe another build now
+                self.wire = 1
             self.drop_stream()
             if self.channel is not None:
                 self.closing = asyncio.ensure_future(self.channel.close())
@@ -126,6 +138,9 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         self.on_message = on_message
         self.on_propose = on_propose
         self._peers: dict[str, _Peer] = {}
+        # Wire version each sender said it decodes, for peers not yet in
+        # `_peers` (a server that hears from a peer before sending to it).
+        self._wire: dict[str, int] = {}
         self._closed = False
         self.dropped = 0
         self.received = 0
@@ -137,7 +152,7 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
     def send(self, msg: Message) -> None:
         peer = self._peers.get(msg.to)
         if peer is None:
-            peer = self._peers[msg.to] = _Peer(msg.to, self.security)
+            peer = self._peers[msg.to] = self._new_peer(msg.to)
             peer.task = asyncio.create_task(
                 self._deliver(peer), name=f"raft-to-{msg.to}"
             )
@@ -145,6 +160,11 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
             peer.queue.put_nowait(msg)
         except asyncio.QueueFull:
             self.dropped += 1
+
+    def _new_peer(self, peer_id: str) -> _Peer:
+        peer = _Peer(peer_id, self.security)
+        peer.wire = self._wire.get(peer_id, 1)
+        return peer
 
     async def _deliver(self, peer: _Peer) -> None:
         while True:
@@ -173,15 +193,18 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         try:
             if isinstance(run[0], InstallSnapshot) or peer.unary_only:
                 for msg in run:
-                    await self._call(stub, msg)
+                    await self._call(peer, stub, msg)
             elif not await self._write(peer, stub, run):
                 self.dropped += len(run)
+                peer.wire = 1
         except grpc.aio.AioRpcError as exc:
             self.dropped += len(run)
+            peer.wire = 1
             log.debug("raft send failed peer=%s code=%s", peer.peer_id, exc.code())
         except TimeoutError:
             peer.drop_stream()
             self.dropped += len(run)
+            peer.wire = 1
             log.debug("raft stream stalled peer=%s", peer.peer_id)
 
     async def _open_stream(
@@ -212,7 +235,7 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
             grpc.aio.AioRpcError: the stream failed.
             TimeoutError: the peer took no data for CALL_TIMEOUT.
         """
-        payloads = [encode(msg) for msg in batch]
+        payloads = [encode(msg, peer.wire) for msg in batch]
         items: list[list[bytes]] = [[]]
         size = 0
         for payload in payloads:
@@ -231,16 +254,20 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
                         raft_pb2.RaftBatch(
                             **{"from": self.node_id, "payloads": item},
                             cluster_id=self.cluster_id(),
+                            wire=WIRE_VERSION,
                         )
                     )
                 except asyncio.InvalidStateError:  # it ended before this write
                     return False
         return True
 
-    async def _call(self, stub: raft_pb2_grpc.RaftStub, msg: Message) -> None:
+    async def _call(
+        self, peer: _Peer, stub: raft_pb2_grpc.RaftStub, msg: Message
+    ) -> None:
         request = raft_pb2.RaftMessage(
-            **{"from": self.node_id, "payload": encode(msg)},
+            **{"from": self.node_id, "payload": encode(msg, peer.wire)},
             cluster_id=self.cluster_id(),
+            wire=WIRE_VERSION,
         )
         if isinstance(msg, AppendEntries):
             await stub.AppendEntries(request, timeout=CALL_TIMEOUT)
@@ -263,7 +290,7 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         if not address:
             raise RemoteError(f"no address known for server {peer_id!r}")
         peer = self._peers.get(peer_id) or self._peers.setdefault(
-            peer_id, _Peer(peer_id, self.security)
+            peer_id, self._new_peer(peer_id)
         )
         if peer.task is None:
             peer.task = asyncio.create_task(
@@ -289,14 +316,26 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         self._peers.clear()
 
     # -- receiving
-    def _vet(self, sender: str, cluster_id: str) -> None:
+    def _vet(self, sender: str, cluster_id: str, wire: int) -> None:
         reason = self.admit(sender, cluster_id)
         if reason:
             self.refused += 1
             raise _Refused(reason)
+        if wire > 1:
+            self._learn_wire(sender, wire)
+
+    def _learn_wire(self, sender: str, wire: int) -> None:
+        """Note that `sender` decodes wire versions up to `wire`."""
+        version = min(wire, WIRE_VERSION)
+        peer = self._peers.get(sender)
+        if peer is not None:
+            peer.wire = version
+        if self._wire.get(sender) != version:
+            self._wire[sender] = version
+            log.debug("raft peer wire version peer=%s version=%d", sender, version)
 
     def _receive(self, request: raft_pb2.RaftMessage) -> None:
-        self._vet(getattr(request, "from"), request.cluster_id)
+        self._vet(getattr(request, "from"), request.cluster_id, request.wire)
         self._receive_payload(getattr(request, "from"), request.payload)
 
     def _receive_payload(self, sender: str, payload: bytes) -> None:
@@ -338,7 +377,7 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server stopping")
             sender = getattr(batch, "from")
             try:
-                self._vet(sender, batch.cluster_id)
+                self._vet(sender, batch.cluster_id, batch.wire)
             except _Refused as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             for payload in batch.payloads:

@@ -23,8 +23,14 @@ import lmdb
 
 from cronmesh.core.fsm import StateMachine, encode_command
 from cronmesh.raft.driver import RaftDriver, RaftSettings
-from cronmesh.raft.messages import AppendEntries, Message
-from cronmesh.rpc import raft_pb2_grpc
+from cronmesh.raft.messages import (
+    AppendEntries,
+    AppendEntriesResp,
+    Message,
+    TimeoutNow,
+    encode,
+)
+from cronmesh.rpc import raft_pb2, raft_pb2_grpc
 from cronmesh.rpc.raft_transport import RaftTransport
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.raftlog import LmdbRaftStorage
@@ -338,6 +344,78 @@ def test_a_closed_receiver_ends_the_streams_that_peers_opened() -> None:
                 assert receiver.received == 1
             finally:
                 await sender.close()
+
+    run(scenario)
+
+
+class _Recording(RaftTransport):
+    """Notes the wire version of every payload it receives."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.versions: list[int] = []
+
+    def _receive_payload(self, sender: str, payload: bytes) -> None:
+        self.versions.append(payload[2])
+        super()._receive_payload(sender, payload)
+
+
+def test_a_peer_is_sent_binary_messages_once_it_said_it_reads_them() -> None:
+    async def scenario() -> None:
+        got: dict[str, list[Message]] = {"a": [], "b": []}
+        ports: dict[str, int] = {}
+        a = _Recording("a", lambda peer: f"127.0.0.1:{ports[peer]}", got["a"].append)
+        b = _Recording("b", lambda peer: f"127.0.0.1:{ports[peer]}", got["b"].append)
+        async with _Server(a) as server_a, _Server(b) as server_b:
+            ports.update(a=server_a.port, b=server_b.port)
+
+            async def a_to_b(msg: Message) -> None:
+                a.send(msg)
+                while not got["b"] or got["b"][-1] != msg:
+                    await asyncio.sleep(0.01)
+
+            # b has said nothing yet: a writes version 1, which every build reads.
+            first, second = appends(2)
+            await a_to_b(first)
+            assert b.versions == [1]
+            # b answers; its stream says it reads version 2.
+            answer = AppendEntriesResp(to="a", frm="b", term=1, success=True)
+            b.send(answer)
+            while got["a"] != [answer]:
+                await asyncio.sleep(0.01)
+            await a_to_b(second)
+            assert b.versions == [1, 2]
+            assert got["b"] == [first, second]
+            # A sender that states no version (an older build) changes nothing.
+            a._receive(
+                raft_pb2.RaftMessage(
+                    **{"from": "b", "payload": _timeout_now("a", 1)}, cluster_id=""
+                )
+            )
+            assert a._peers["b"].wire == 2
+
+    run(scenario)
+
+
+def _timeout_now(to: str, version: int) -> bytes:
+    return encode(TimeoutNow(to=to, frm="b" if to == "a" else "a", term=1), version)
+
+
+def test_a_malformed_payload_ends_the_stream_and_reaches_nobody() -> None:
+    async def scenario() -> None:
+        got: list[Message] = []
+        receiver = RaftTransport("b", lambda _: None, got.append)
+        async with _Server(receiver) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stream = raft_pb2_grpc.RaftStub(ch).Stream()
+                good = _timeout_now("b", 2)
+                bad = b"RF\x02\x07" + b"\x00\x05ab"  # a string cut short
+                await stream.write(
+                    raft_pb2.RaftBatch(**{"from": "a", "payloads": [bad, good]})
+                )
+                assert await stream.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert "undecodable raft message" in (await stream.details() or "")
+        assert got == [] and receiver.received == 0
 
     run(scenario)
 
