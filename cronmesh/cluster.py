@@ -51,6 +51,7 @@ from cronmesh.errors import (
     ConflictError,
     CronmeshError,
     NotFoundError,
+    UnavailableError,
     ValidationError,
 )
 from cronmesh.raft.driver import RaftDriver, RaftSettings
@@ -132,6 +133,7 @@ class Cluster:
         self.transport.admit = self.admit
         self.driver.send = self.transport.send
         self.driver.forward = self.transport.propose_to
+        self.driver.waiting = lambda: self.waiting
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.rpc_port = rpc_bind[1]
@@ -413,7 +415,15 @@ class Cluster:
         return progress is not None and progress.match >= node.commit
 
     def peers_table(self) -> list[dict[str, Any]]:
-        """Every server of the configuration, for `raft list-peers`."""
+        """Every server of the configuration, for `raft list-peers`.
+
+        Raises:
+            UnavailableError: this server has no configuration yet.
+        """
+        if self.driver.node is None:
+            raise UnavailableError(
+                f"no raft configuration yet: {self.waiting or 'raft is starting'}"
+            )
         membership = self.driver.membership
         addresses = self.peers()
         rows = []

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import REPO, AgentProcess, shell_job
 from test_cluster import job_names, leader_of, peers, start_cluster
@@ -135,6 +136,41 @@ def test_remove_peer_through_a_follower_and_health_without_a_leader(
     listed = raft_cli("list-peers", "--address", leader.url)
     assert listed.returncode == 0, listed.stderr
     assert "no leader" in listed.stderr and leader.name in listed.stdout
+
+
+def test_a_server_waiting_to_bootstrap_says_so(agent_factory: Any) -> None:
+    """Before the first configuration: the peers list, a write and doctor
+    name what the server waits for (not a 500, not "a majority is down")."""
+    lone = agent_factory("--bootstrap-expect", "3", name="lone", start=False)
+    lone.start(wait=False)
+
+    def answers() -> bool:
+        try:
+            return lone.http.get("/health").status_code == 503
+        except httpx.HTTPError:
+            return False
+
+    lone.wait_for("the API to answer", answers)
+    peers_answer = lone.http.get("/v1/raft/peers")
+    assert peers_answer.status_code == 503, peers_answer.text
+    assert (
+        "waiting for servers to bootstrap: 1 of 3 seen" in peers_answer.json()["error"]
+    )
+    write = lone.post_job(shell_job("early", "true"))
+    assert write.status_code == 503, write.text
+    assert "no leader yet: waiting for servers to bootstrap" in write.json()["error"]
+    listed = raft_cli("list-peers", "--address", lone.url)
+    assert listed.returncode == 1
+    assert "waiting for servers to bootstrap" in listed.stderr, listed.stderr
+    assert "Traceback" not in lone.log()
+    doctor = subprocess.run(
+        [sys.executable, "-m", "cronmesh", "doctor", "--address", lone.url],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert "cannot list the Raft peers: no raft configuration yet" in doctor.stdout
 
 
 # -- in process: the transport refuses another cluster's messages -------------

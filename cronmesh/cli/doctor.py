@@ -121,6 +121,14 @@ def _ask(address: str, token: str, ca_cert: str) -> AgentReply:
     return found
 
 
+def _error_text(response: httpx.Response) -> str:
+    """The `error` an API answer carries, or its status line."""
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
+
+
 def _get(agent: AgentReply, path: str) -> Any:
     assert agent.http is not None
     response = agent.http.get(path, timeout=5.0)
@@ -442,6 +450,14 @@ def check_peers(agent: AgentReply, members: list[dict[str, Any]]) -> Check:
         )
     try:
         rows = _get(agent, "/v1/raft/peers")
+    except httpx.HTTPStatusError as exc:
+        return Check(
+            "raft peers",
+            FAIL,
+            f"cannot list the Raft peers: {_error_text(exc.response)}",
+            "start the other servers (--bootstrap-expect counts them) and "
+            "let them join one another",
+        )
     except (httpx.HTTPError, ValueError) as exc:
         return Check("raft peers", FAIL, f"cannot list the Raft peers: {exc}")
     mesh = {str(m.get("Name")): m for m in members}

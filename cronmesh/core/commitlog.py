@@ -34,9 +34,11 @@ MAX_COMMAND_BYTES = 2 << 20
 class NotLeaderError(CronmeshError):
     """This node cannot accept writes now; `leader` names who can, if known."""
 
-    def __init__(self, leader: str = "") -> None:
+    def __init__(self, leader: str = "", reason: str = "") -> None:
         if leader:
             message = f"not the leader (leader: {leader})"
+        elif reason:  # what this node knows about why there is none
+            message = f"no leader yet: {reason} (not the leader, leader: unknown)"
         else:
             message = (
                 "no leader known: a majority of the servers may be down or "

@@ -93,6 +93,8 @@ class RaftDriver:
         self.rng = rng or random.Random()
         self.send: Callable[[Message], None] = lambda msg: None
         self.forward: Callable[[str, bytes], Any] | None = None
+        # What this server waits for before it has a leader (cluster.py).
+        self.waiting: Callable[[], str] | None = None
         self.on_role: list[Callable[[bool], None]] = []
         self.node: RaftNode | None = None
         self._inbox: list[Message] = []
@@ -174,6 +176,11 @@ class RaftDriver:
     def is_leader(self) -> bool:
         return self.role is Role.LEADER
 
+    def no_leader_reason(self) -> str:
+        """Why no leader is known, when this server knows better than "a
+        majority may be down" (set by the cluster: waiting to bootstrap)."""
+        return self.waiting() if self.waiting is not None else ""
+
     @property
     def membership(self) -> Membership:
         assert self.node is not None
@@ -212,7 +219,8 @@ class RaftDriver:
         while True:
             leader = self.leader
             if not leader or self.forward is None or leader in tried:
-                raise NotLeaderError(leader or (tried[-1] if tried else ""))
+                known = leader or (tried[-1] if tried else "")
+                raise NotLeaderError(known, "" if known else self.no_leader_reason())
             tried.append(leader)
             try:
                 reply = await self.forward(leader, payload)
