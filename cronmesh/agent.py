@@ -279,6 +279,7 @@ class Agent:
             webhook_failed=self.metrics.webhook_failed,
         )
         self.dispatcher.observe_fire_lag = self.metrics.observe_fire_lag
+        self.runner.observe_start_lag = self.metrics.observe_start_lag
         self.fsm.listeners += [
             self.scheduler.on_event,
             self.dispatcher.on_event,

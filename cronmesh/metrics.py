@@ -73,6 +73,13 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+        self.start_lag = Histogram(
+            "cronmesh_run_start_lag_seconds",
+            "Scheduled runs on this node: seconds from the fire instant to the "
+            "process start (a held run's gate opening)",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         # Notifications count their failed deliveries here (webhook_failed).
         self.webhook_failures = Counter(
             "cronmesh_webhook_failures",
@@ -143,6 +150,10 @@ class Metrics:
     def observe_fire_lag(self, seconds: float) -> None:
         """A scheduled run starts `seconds` after its fire instant."""
         self.fire_lag.observe(max(seconds, 0.0))
+
+    def observe_start_lag(self, seconds: float) -> None:
+        """A scheduled run started here `seconds` after its fire instant."""
+        self.start_lag.observe(max(seconds, 0.0))
 
     def webhook_failed(self, job_name: str) -> None:
         """A webhook notification about `job_name` was given up on."""

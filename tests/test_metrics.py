@@ -97,6 +97,13 @@ def test_metrics_of_a_three_server_cluster(agent_factory: Any) -> None:
     for node in nodes:
         if node is not leader:
             assert value(node, "cronmesh_fire_lag_seconds_count") == 0
+    # Each node that ran a scheduled run (`ok` runs on every node, staged)
+    # measured its start; the manual runs count nowhere.
+    for node in nodes:
+        node.wait_for(
+            f"{node.name} measured a start",
+            lambda n=node: (value(n, "cronmesh_run_start_lag_seconds_count") or 0) >= 1,
+        )
 
     # Gossip: all alive, then one server killed is seen failed by the others.
     for node in nodes:

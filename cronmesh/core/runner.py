@@ -118,6 +118,9 @@ class Runner:
         # Start gates of staged runs, by their opening (loop time, in ms).
         self._gates: dict[int, StartGate] = {}
         self.on_finished: list[Any] = []
+        # Metrics hook: seconds from a scheduled run's instant to its start
+        # here (for a run held at a gate, the gate's opening).
+        self.observe_start_lag: Callable[[float], None] = lambda seconds: None
 
     async def accept(
         self, job: Job, execution: Execution, *, start_in: float = 0.0
@@ -183,6 +186,13 @@ class Runner:
         if live is None or live.finished:
             return False
         log.info("killing execution job=%s execution=%s", live.job.name, exec_id)
+        if live.start_at is not None:
+            early = live.start_at - asyncio.get_running_loop().time()
+            if early > 0:
+                live.note = (
+                    f"killed {early:.3f}s before its instant: the job never ran "
+                    "(its finished_at is before its started_at)"
+                )
         live.cancel.set()
         return True
 
@@ -203,12 +213,21 @@ class Runner:
         try:
             executor = self._executor(job.executor)
             extra: dict[str, Any] = {}
+            gate = None
             if live.start_at is not None:
                 gate = self._gate(executor, execution, live.start_at)
                 if gate is None:
                     await _until(live.start_at, live.cancel)
                 else:
                     extra["gate"] = gate
+            if execution.trigger == "schedule" and execution.scheduled_at is not None:
+                instant = execution.scheduled_at.timestamp()
+                if gate is None:
+                    self.observe_start_lag(time.time() - instant)
+                else:
+                    gate.released.add_done_callback(
+                        lambda _: self.observe_start_lag(time.time() - instant)
+                    )
             result = await executor.run(
                 job.executor_config,
                 live.buffer,
