@@ -502,8 +502,8 @@ def test_tz_prefix_with_an_unknown_zone() -> None:
 @pytest.mark.parametrize(
     ("expr", "message"),
     [
-        ("", "schedule is empty"),
-        ("   ", "schedule is empty"),
+        ("", "schedule: is empty"),
+        ("   ", "schedule: is empty"),
         ("* * * *", "expected 5 or 6 fields, found 4"),
         ("0 0 0 * * * *", "expected 5 or 6 fields, found 7"),
         ("0 0 25 * * *", "field 'hour' value 25 out of range 0-23"),
@@ -527,11 +527,17 @@ def test_tz_prefix_with_an_unknown_zone() -> None:
         ("@fortnightly", "unknown descriptor '@fortnightly'"),
         ("@daily 5", "unknown descriptor"),
         ("TZ= 0 0 * * *", "empty TZ= prefix"),
+        ("@every 0s", "@every duration must be at least 1s"),
+        ("@every 10x", "@every: invalid duration '10x'"),
+        ("@at tomorrow", "@at: 'tomorrow' is not an RFC3339 time"),
+        ("@after 2026-01-01T00:00:00Z <P1", "@after: grace 'P1'"),
     ],
 )
 def test_errors_name_the_problem(expr: str, message: str) -> None:
     with pytest.raises(ScheduleError, match=message) as caught:
         parse_schedule(expr, "UTC")
+    # Every message names its field first, as the API's other errors do.
+    assert str(caught.value).startswith("schedule: ")
     assert "\n" not in str(caught.value)
     assert isinstance(caught.value, ValidationError)
 
@@ -1138,7 +1144,7 @@ def test_cli_one_shot_that_never_fires() -> None:
         (["next", "0 0 25 * * *"], "field 'hour' value 25 out of range 0-23"),
         (["next", "@every 1s", "--tz", "America/New York"], "unknown time zone"),
         (["next", "@every 1s", "--from", "yesterday"], "--from: 'yesterday'"),
-        (["next", ""], "schedule is empty"),
+        (["next", ""], "schedule: is empty"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:

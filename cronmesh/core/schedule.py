@@ -733,7 +733,9 @@ def _go_duration_ns(text: str) -> int:
             total += int(fraction) * unit_ns // 10 ** len(fraction)
         position = match.end()
     if not body or position != len(body):
-        raise ScheduleError(f"@every: invalid duration '{text}'", field="schedule")
+        raise ScheduleError(
+            f"schedule: @every: invalid duration '{text}'", field="schedule"
+        )
     return sign * total
 
 
@@ -741,7 +743,8 @@ def _parse_rfc3339(text: str, what: str) -> datetime:
     match = _RFC3339.match(text)
     if match is None:
         raise ScheduleError(
-            f"{what}: '{text}' is not an RFC3339 time such as 2024-01-31T09:00:00Z",
+            f"schedule: {what}: '{text}' is not an RFC3339 time such as "
+            "2024-01-31T09:00:00Z",
             field="schedule",
         )
     stamp, fraction, offset = match.groups()
@@ -762,7 +765,8 @@ def _parse_iso_duration(text: str) -> timedelta:
     match = _ISO_DURATION.match(text)
     if match is None or text in ("P", "PT") or text.endswith("T"):
         raise ScheduleError(
-            f"@after: grace '{text}' is not an ISO-8601 duration such as PT30M",
+            f"schedule: @after: grace '{text}' is not an ISO-8601 duration "
+            "such as PT30M",
             field="schedule",
         )
     seconds = sum(
@@ -876,7 +880,7 @@ def parse_schedule(expr: str, timezone: str = "", job_name: str = "") -> Schedul
         if not timezone:
             raise ScheduleError("schedule: empty TZ= prefix", field="schedule")
     if not text:
-        raise ScheduleError("schedule is empty", field="schedule")
+        raise ScheduleError("schedule: is empty", field="schedule")
     name = job_name if "~" in text else ""
     try:
         zone = load_zone(timezone)
@@ -917,11 +921,14 @@ def _parse_every(text: str, zone: ZoneInfo, rest: str) -> _EverySchedule:
     nanoseconds = _go_duration_ns(rest)
     seconds = nanoseconds // 1_000_000_000 if nanoseconds > 0 else 0
     if seconds < 1:
-        raise ScheduleError("@every duration must be at least 1s", field="schedule")
+        raise ScheduleError(
+            "schedule: @every duration must be at least 1s", field="schedule"
+        )
     if nanoseconds >= 1 << 63:
         # Go's time.Duration (and so Dkron) ends at about 292 years.
         raise ScheduleError(
-            "@every duration longer than 2562047h (about 292 years)", field="schedule"
+            "schedule: @every duration longer than 2562047h (about 292 years)",
+            field="schedule",
         )
     return _EverySchedule(text, zone, timedelta(seconds=seconds))
 
@@ -933,7 +940,8 @@ def _parse_after(text: str, zone: ZoneInfo, rest: str) -> _AfterSchedule:
     if grace_text:
         if not grace_text.startswith("<"):
             raise ScheduleError(
-                f"@after: expected '<' before the grace period, found '{grace_text}'",
+                "schedule: @after: expected '<' before the grace period, found "
+                f"'{grace_text}'",
                 field="schedule",
             )
         grace = _parse_iso_duration(grace_text[1:].strip())
