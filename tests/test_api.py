@@ -101,6 +101,7 @@ def test_malformed_input_gets_4xx_with_a_message_and_stores_nothing(
         (json.dumps(shell_job("a", "true", retries="3")), "retries"),
         (json.dumps(shell_job("a", "true", disabled="yes")), "disabled"),
         (json.dumps(shell_job("a", "true", tags={"x": 1})), "tags.x"),
+        (json.dumps(shell_job("a", "true", tags={"": "x"})), "empty name"),
         (json.dumps(shell_job("a", "true", concurrency="maybe")), "concurrency"),
         (json.dumps(shell_job("a", "true", parent_job="a")), "parent"),
         (json.dumps({"name": "a", "schedule": "@every 1s"}), "executor"),
@@ -161,6 +162,25 @@ def test_unknown_job_fields_are_ignored_but_named(agent: AgentProcess) -> None:
     shown = agent.http.get("/v1/jobs/typo").json()
     again = agent.post_job(shown)
     assert again.status_code == 201 and "warnings" not in again.json()
+    # Executor config keys the executor does not read, too.
+    config_typo = shell_job("cfg", "true", config={"timout": "2s", "shell": "true"})
+    (warning,) = agent.post_job(config_typo).json()["warnings"]
+    assert warning.startswith("executor_config.timout: the shell executor")
+    assert "'timeout'" in warning
+    http_job = {
+        "name": "web",
+        "schedule": "@manually",
+        "executor": "http",
+        "executor_config": {
+            "method": "GET",
+            "url": "http://127.0.0.1:1/",
+            "expectcode": "200",
+        },
+    }
+    web = agent.post_job(http_job)
+    assert "warnings" in web.json(), web.text
+    (warning,) = web.json()["warnings"]
+    assert "executor_config.expectcode" in warning and "'expectCode'" in warning
 
 
 def test_J04_dependent_jobs_survive_parent_update_and_child_delete(

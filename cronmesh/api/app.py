@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cronmesh import __version__
 from cronmesh.api.acl import TokenAuth
 from cronmesh.core.commitlog import NotLeaderError
+from cronmesh.core.executors import unknown_config_keys
 from cronmesh.core.model import Job, unknown_job_fields
 from cronmesh.core.output import trim_text
 from cronmesh.errors import (
@@ -379,7 +380,11 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
             location = f"{location}/{job.name}"
         location = quote(location, safe="/")
         body = agent.job_json(job)
-        warnings = unknown_job_fields(data) + agent.job_warnings(job)
+        warnings = (
+            unknown_job_fields(data)
+            + unknown_config_keys(job.executor, job.executor_config)
+            + agent.job_warnings(job)
+        )
         if warnings:
             body["warnings"] = warnings  # ours; Dkron clients ignore it
         return _reply(request, body, 201, headers={"Location": location})
@@ -404,7 +409,11 @@ def _job_routes(app: FastAPI, agent: Agent) -> None:
         current.update(changes)
         stored, _ = await agent.set_job(current)
         body = agent.job_json(stored)
-        warnings = unknown_job_fields(changes) + agent.job_warnings(stored)
+        warnings = (
+            unknown_job_fields(changes)
+            + unknown_config_keys(stored.executor, stored.executor_config)
+            + agent.job_warnings(stored)
+        )
         if warnings:
             body["warnings"] = warnings
         return _reply(request, body)

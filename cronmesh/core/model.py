@@ -250,6 +250,11 @@ class Job:
             expires_at=parse_time(data.get("expires_at"), "expires_at"),
         )
         for key, value in job.tags.items():
+            if not key.strip():
+                raise ValidationError(
+                    f"tags: {key!r} is not a tag name (an empty name matches no node)",
+                    "tags",
+                )
             _head, sep, count = value.partition(":")
             if sep and (not count.isdigit() or int(count) == 0):
                 raise ValidationError(

@@ -14,6 +14,7 @@ from cronmesh.core.executors.base import (
     OutputBuffer,
     OutputSink,
     get_executor,
+    unknown_config_keys,
 )
 from cronmesh.core.executors.http import HttpExecutor
 from cronmesh.core.executors.shell import ShellExecutor
@@ -27,4 +28,5 @@ __all__ = [
     "OutputSink",
     "ShellExecutor",
     "get_executor",
+    "unknown_config_keys",
 ]

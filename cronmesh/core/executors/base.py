@@ -12,6 +12,7 @@ cancellation propagate, after cleaning up.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
 import threading
 from collections.abc import Callable
@@ -232,6 +233,29 @@ def _json_hint(value: object) -> str:
     if isinstance(value, bool):
         return '"true"' if value else '"false"'
     return f'"{value}"'
+
+
+def unknown_config_keys(executor: str, config: dict[str, str]) -> list[str]:
+    """One warning per key of `config` that executor `executor` does not
+    read (a typo, mostly: a misspelt `timeout` means no timeout)."""
+    try:
+        known = getattr(get_executor(executor), "config_keys", None)
+    except ValidationError:
+        return []
+    if not known or not isinstance(config, dict):
+        return []
+    warnings = []
+    for key in sorted(str(k) for k in config if k not in known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        if not close:  # keys differ in case only (Dkron's expectCode)
+            lower = {k.lower(): k for k in known}
+            close = [lower[key.lower()]] if key.lower() in lower else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        warnings.append(
+            f"executor_config.{key}: the {executor} executor does not read it, "
+            f"ignored{hint}"
+        )
+    return warnings
 
 
 @functools.cache

@@ -220,6 +220,23 @@ class HttpExecutor:
     """
 
     name = "http"
+    # The executor_config keys it reads (others are named in a warning).
+    config_keys = frozenset(
+        (
+            "method",
+            "url",
+            "headers",
+            "body",
+            "timeout",
+            "expectCode",
+            "expectBody",
+            "debug",
+            "tlsNoVerifyPeer",
+            "tlsCertificateFile",
+            "tlsCertificateKeyFile",
+            "tlsRootCAsFile",
+        )
+    )
 
     def __init__(self, *, max_output: int = MAX_OUTPUT_BYTES) -> None:
         self.max_output = max_output

@@ -600,6 +600,10 @@ class ShellExecutor:
     name = "shell"
     # `run` takes a StartGate (core/executors/gate.py).
     gates = True
+    # The executor_config keys it reads (others are named in a warning).
+    config_keys = frozenset(
+        ("command", "shell", "env", "cwd", "payload", "timeout", "mem_limit", "su")
+    )
 
     def __init__(
         self,
