@@ -602,13 +602,16 @@ def _check_range(setting: Setting, where: str, value: Any) -> None:
             f"{where}: {value!r} is not one of {', '.join(setting.choices)}",
             setting.key,
         )
+    unit = "s" if setting.kind == SECONDS else ""
     if setting.minimum is not None and value < setting.minimum:
         raise ValidationError(
-            f"{where}: {value} is below the minimum {setting.minimum:g}", setting.key
+            f"{where}: {value:g}{unit} is below the minimum {setting.minimum:g}{unit}",
+            setting.key,
         )
     if setting.maximum is not None and value > setting.maximum:
         raise ValidationError(
-            f"{where}: {value} is above the maximum {setting.maximum:g}", setting.key
+            f"{where}: {value:g}{unit} is above the maximum {setting.maximum:g}{unit}",
+            setting.key,
         )
 
 
