@@ -453,8 +453,11 @@ class Agent:
         """Validate and store a job; returns (job, created)."""
         job = self.validate_job(data, keep_runtime=restore)
         payload = {k: v for k, v in job.to_json().items()}
+        # `at`: when the job's schedule takes effect, if this write starts it
+        # (the state machine reads no clock; see Job.schedule_since).
+        at = format_time(datetime.now(UTC))
         result = await self.propose(
-            encode_command("set_job", job=payload, restore=restore)
+            encode_command("set_job", job=payload, restore=restore, at=at)
         )
         _raise_for(result)
         return _as_job(result.value), result.code == 201
@@ -474,7 +477,12 @@ class Agent:
     async def toggle_job(self, name: str) -> Job:
         job = self.get_job(name)
         result = await self.propose(
-            encode_command("set_disabled", name=name, disabled=not job.disabled)
+            encode_command(
+                "set_disabled",
+                name=name,
+                disabled=not job.disabled,
+                at=format_time(datetime.now(UTC)),
+            )
         )
         _raise_for(result)
         return _as_job(result.value)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from conftest import REPO, AgentProcess, shell_job
@@ -218,3 +220,39 @@ def test_a_leader_stopped_gracefully_hands_over_first(agent_factory: Any) -> Non
     survivors = [n for n in nodes if n is not leader]
     new_leader = leader_of(survivors, timeout=5)
     assert new_leader.post_job(shell_job("after-handover", "true")).status_code == 201
+
+
+def test_first_instants_that_pass_while_no_server_leads_run_late(
+    agent_factory: Any,
+) -> None:
+    """Two jobs are created, then the leader dies and a second server is
+    paused, so no server leads while the jobs' first instants pass. The
+    leader elected afterwards runs each missed instant once, late (within
+    the 60 s catch-up window), instead of planning the jobs from the moment
+    it took over: the instant they were created is replicated state."""
+    nodes = start_cluster(agent_factory)
+    leader = leader_of(nodes)
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    for job in (
+        shell_job("late-at", "true", f"@at {at.isoformat()}"),
+        shell_job("late-every", "true", "@every 2s"),
+    ):
+        assert leader.post_job(job).status_code == 201
+    since = datetime.fromisoformat(
+        leader.http.get("/v1/jobs/late-every").json()["schedule_since"]
+    )
+    leader.kill9()
+    paused, alone = [n for n in nodes if n is not leader]
+    assert paused.proc is not None
+    paused.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()) + 1.5)
+        assert alone.http.get("/v1/isleader").status_code == 404
+    finally:
+        paused.proc.send_signal(signal.SIGCONT)
+    new_leader = leader_of([paused, alone], timeout=30)
+    runs = new_leader.finished("late-at", timeout=30)
+    assert {r["scheduled_at"] for r in runs} == {at.isoformat().replace("+00:00", "Z")}
+    first = since.replace(microsecond=0) + timedelta(seconds=2)
+    every = new_leader.finished("late-every", timeout=30)
+    assert min(datetime.fromisoformat(r["scheduled_at"]) for r in every) == first

@@ -48,6 +48,7 @@ class World:
         return self.fsm.apply_batch([(self.index, encode_command(op, **fields))])[0]
 
     def add_job(self, name: str, schedule: str, **extra: Any) -> None:
+        """Create or edit a job, the write taken at `now` (as the API does)."""
         job = {
             "name": name,
             "schedule": schedule,
@@ -55,7 +56,14 @@ class World:
             "executor_config": {"command": "true"},
             **extra,
         }
-        assert self.apply("set_job", job=job).ok
+        assert self.apply("set_job", job=job, at=format_time(self.now)).ok
+
+    def lead(self) -> None:
+        """This node becomes the leader now: every job is planned again."""
+        self.scheduler.lead_start = self.now
+        self.scheduler.entries.clear()
+        for job in self.store.list_jobs():
+            self.scheduler._load(job)
 
     def record_fire(self, name: str, fire: datetime) -> Any:
         execution = Execution(
@@ -179,3 +187,78 @@ def test_runs_are_staged_ahead_of_their_instant_but_forbid_jobs_are_not(
     assert world.run_due() == []
     world.now = hour + timedelta(seconds=0.1)
     assert world.run_due() == [hour + timedelta(seconds=1)]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "first"),
+    [
+        (f"@at {format_time(T0 + timedelta(seconds=5))}", 5),
+        ("@every 10s", 7),  # created at -3 s
+        ("*/10 * * * * *", 0),
+    ],
+    ids=["at", "every", "cron"],
+)
+def test_a_job_never_fired_runs_its_instant_missed_during_a_failover(
+    world: World, schedule: str, first: int
+) -> None:
+    """Created 3 s before the leader died; the next leader takes over 8 s
+    later. The first instant passed while no server led: it runs once."""
+    world.now = T0 - timedelta(seconds=3)
+    world.add_job("j", schedule)
+    world.now = T0 + timedelta(seconds=8)
+    world.lead()
+    assert world.run_due() == [T0 + timedelta(seconds=first)]
+    assert world.run_due() == []
+
+
+def test_a_job_applied_after_the_new_leader_started_catches_up_too(
+    world: World,
+) -> None:
+    """The write was committed under the old leader but applied here only
+    after this node began to lead (Raft applies old entries once the new
+    leader commits one of its own term)."""
+    world.now = T0 + timedelta(seconds=8)
+    world.lead()
+    world.now = T0 - timedelta(seconds=3)
+    world.add_job("j", "@every 10s")  # stamped by the old leader at -3 s
+    world.now = T0 + timedelta(seconds=9)
+    world.scheduler._load(world.store.get_job("j"), changed=True)  # type: ignore[arg-type]
+    assert world.run_due() == [T0 + timedelta(seconds=7)]
+
+
+def test_a_job_created_while_leading_starts_from_now(world: World) -> None:
+    """A write stamped after this node began to lead is planned from the
+    moment the leader sees it, whatever the proposing server's clock said."""
+    world.lead()
+    world.now = T0 + timedelta(seconds=20)
+    world.add_job("j", "@every 10s")
+    job = world.store.get_job("j")
+    assert job is not None
+    job.schedule_since = T0 + timedelta(seconds=5)  # a server 15 s behind
+    world.scheduler._load(job, changed=True)
+    assert world.run_due() == []
+    assert world.scheduler.next_fire("j") == T0 + timedelta(seconds=30)
+
+
+def test_a_never_fired_instant_older_than_the_window_is_skipped(world: World) -> None:
+    world.add_job("j", f"@at {format_time(T0 + timedelta(seconds=5))}")
+    world.now = T0 + timedelta(seconds=66)  # 61 s late, the window is 60 s
+    world.lead()
+    assert world.run_due() == []
+    assert world.scheduler.next_fire("j") is None
+
+
+def test_an_at_job_moved_to_a_new_instant_after_it_ran_runs_again(
+    world: World,
+) -> None:
+    world.add_job("once", f"@at {format_time(T0 + timedelta(seconds=5))}")
+    world.record_fire("once", T0 + timedelta(seconds=5))
+    world.now = T0 + timedelta(seconds=10)
+    world.add_job("once", f"@at {format_time(T0 + timedelta(seconds=20))}")
+    world.lead()
+    assert world.scheduler.next_fire("once") == T0 + timedelta(seconds=20)
+    world.add_job("once", f"@at {format_time(T0 + timedelta(seconds=20))}")
+    world.record_fire("once", T0 + timedelta(seconds=20))
+    world.now = T0 + timedelta(seconds=30)
+    world.lead()  # an edit that kept the schedule does not arm it again
+    assert world.scheduler.next_fire("once") is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cronmesh.core.fsm import StateMachine, encode_command
-from cronmesh.core.model import Execution
+from cronmesh.core.model import Execution, format_time
 from cronmesh.errors import InvariantViolation, StorageError
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.state import StateStore
@@ -202,3 +202,51 @@ def test_kill_9_during_writes_never_leaves_half_a_batch(tmp_path: Path) -> None:
         assert applied % 10 == 0
         assert names == {f"j{i}" for i in range(1, applied + 1)}
         data.close()
+
+
+def test_schedule_since_is_when_the_current_schedule_was_written(
+    tmp_path: Path,
+) -> None:
+    """Stamped from the command (never the clock): set at creation, on a
+    change of schedule or time zone and on enabling, kept otherwise; the
+    same commands give the same rows on another server."""
+    writes: list[tuple[str, dict[str, object]]] = [
+        ("set_job", {"job": _job("a")}),  # 1: created
+        ("set_job", {"job": _job("a", owner="o")}),  # 2: kept
+        ("set_job", {"job": _job("a", schedule="@every 2m")}),  # 3
+        ("set_job", {"job": _job("a", schedule="@every 2m", timezone="UTC")}),  # 4
+        ("set_disabled", {"name": "a", "disabled": True}),  # 5: kept
+        ("set_disabled", {"name": "a", "disabled": False}),  # 6: enabled
+        ("set_job", {"job": _job("a", schedule="@every 2m", timezone="UTC")}),  # 7
+    ]
+    expected = [1, 1, 3, 4, 4, 6, 6]
+    rows = []
+    for copy in ("d1", "d2"):
+        data = DataDir(tmp_path / copy)
+        fsm = StateMachine(StateStore(data))
+        seen = []
+        for i, (op, fields) in enumerate(writes, start=1):
+            command = encode_command(op, **fields, at=format_time(_t(i)))
+            assert fsm.apply_batch([(i, command)])[0].ok
+            job = fsm.store.get_job("a")
+            assert job is not None
+            seen.append(job.schedule_since)
+        assert seen == [_t(i) for i in expected]
+        rows.append(job.to_json())
+        # A restore keeps the document's time; a write without one (an
+        # older proposer) leaves a new schedule's time unknown.
+        restored = {
+            **_job("a", schedule="@every 3m"),
+            "schedule_since": "2025-01-01T00:00:00Z",
+        }
+        assert fsm.apply_batch(
+            [(8, encode_command("set_job", job=restored, restore=True))]
+        )[0].ok
+        job = fsm.store.get_job("a")
+        assert job is not None and job.schedule_since == datetime(
+            2025, 1, 1, tzinfo=UTC
+        )
+        assert fsm.apply_batch([(9, encode_command("set_job", job=_job("a")))])[0].ok
+        assert fsm.store.get_job("a").schedule_since is None  # type: ignore[union-attr]
+        data.close()
+    assert rows[0] == rows[1]

@@ -195,6 +195,10 @@ class StateMachine:
                 _copy_runtime(previous, job)
         else:
             job.dependent_jobs = []
+        if not (restore and job.schedule_since is not None):
+            # `at`: the proposer's clock when it took the write (rule 1).
+            at = parse_time(cmd.get("at"), "at")
+            job.schedule_since = _schedule_since(previous, job, at)
         old_parent = previous.parent_job if previous else ""
         if old_parent and old_parent != job.parent_job:
             self._unlink_child(view, old_parent, job.name)
@@ -457,6 +461,9 @@ class StateMachine:
             return _fail(404, f"job {name!r} not found")
         previous = job.copy()
         job.disabled = bool(cmd["disabled"])
+        job.schedule_since = _schedule_since(
+            previous, job, parse_time(cmd.get("at"), "at")
+        )
         view.put_job(job)
         events.append(Event("job_set", name, previous=previous))
         return ApplyResult(value=job)
@@ -714,6 +721,21 @@ def _copy_runtime(source: Job, target: Job) -> None:
     target.error_count = source.error_count
     target.last_success = source.last_success
     target.last_error = source.last_error
+
+
+def _schedule_since(
+    previous: Job | None, job: Job, at: datetime | None
+) -> datetime | None:
+    """When `job`'s schedule took effect: `at` (the time of the write) for a
+    new job, a changed schedule or time zone, or a job being enabled;
+    otherwise the time kept with `previous`."""
+    if (
+        previous is None
+        or (previous.schedule, previous.timezone) != (job.schedule, job.timezone)
+        or (previous.disabled and not job.disabled)
+    ):
+        return at
+    return previous.schedule_since
 
 
 def _later(a: datetime | None, b: datetime) -> datetime:

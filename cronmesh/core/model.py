@@ -207,13 +207,19 @@ class Job:
     error_count: int = 0
     last_success: datetime | None = None
     last_error: datetime | None = None
+    # Ours, read-only: when the current schedule took effect (the job was
+    # created, its schedule or time zone changed, or it was enabled), by the
+    # clock of the server that took the write; None when not known (a job
+    # stored by an older version). A new leader plans a job that has not
+    # fired since then from this instant, not from the moment it took over.
+    schedule_since: datetime | None = None
 
     @classmethod
     def from_json(cls, data: Any, *, keep_runtime: bool = False) -> Job:
         """Build a job from decoded JSON, checking each field's type.
 
-        Runtime fields (counters, status, dependent_jobs) are ignored unless
-        `keep_runtime` is set, as when restoring a backup.
+        Runtime fields (counters, status, dependent_jobs, schedule_since)
+        are ignored unless `keep_runtime` is set, as when restoring a backup.
 
         Raises:
             ValidationError: a field has the wrong type or value; the message
@@ -278,6 +284,9 @@ class Job:
             job.error_count = _uint(data, "error_count")
             job.last_success = parse_time(data.get("last_success"), "last_success")
             job.last_error = parse_time(data.get("last_error"), "last_error")
+            job.schedule_since = parse_time(
+                data.get("schedule_since"), "schedule_since"
+            )
             deps = data.get("dependent_jobs") or []
             if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
                 raise ValidationError(
@@ -323,6 +332,7 @@ class Job:
             error_count=get("error_count") or 0,
             last_success=parse_time(get("last_success"), "last_success"),
             last_error=parse_time(get("last_error"), "last_error"),
+            schedule_since=parse_time(get("schedule_since"), "schedule_since"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -359,6 +369,7 @@ class Job:
             "error_count": self.error_count,
             "last_success": format_time(self.last_success),
             "last_error": format_time(self.last_error),
+            "schedule_since": format_time(self.schedule_since),
         }
 
     def copy(self) -> Job:

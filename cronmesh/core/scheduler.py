@@ -20,7 +20,10 @@ the clock jumped forward, the loop was late), each missed instant within
 `catch_up` seconds runs once, late; older ones are skipped and counted in
 `missed`. So a catch-up burst is bounded by the window, and no job is left
 stranded however long the outage (compare Kubernetes' "too many missed start
-times").
+times"). A job that has not fired since its schedule took effect (it was
+created, edited or enabled: `Job.schedule_since`, replicated) is planned from
+that instant, so its first instants passing during a failover are missed
+fires like any other, not lost.
 
 Overload. At most `window.limit` fires are in flight at once (from the fire
 to the hand-over of its runs, at most `HANDOVER_HOLD` seconds of that); the
@@ -138,10 +141,13 @@ class Scheduler:
         # Whether this node leads now: a waiting fire starts on the leader
         # only, even in the moment between the lead's loss and stop().
         self.leading: Callable[[], bool] = lambda: True
+        # When this node began to lead (start()); None while it does not.
+        self.lead_start: datetime | None = None
 
     # -- life cycle
     def start(self) -> None:
         """Load every job and start the timing task."""
+        self.lead_start = self._now()
         for job in self.store.list_jobs():
             self._load(job)
         self._task = asyncio.create_task(self._loop(), name="scheduler")
@@ -158,6 +164,7 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.lead_start = None
         self.entries.clear()
         self._heap.clear()
         self._waiting.clear()
@@ -217,19 +224,47 @@ class Scheduler:
             log.warning("unschedulable job job=%s error=%s", job.name, exc)
             return
         last = self.store.last_fire(job.name)
+        since = job.schedule_since
+        # Not fired since its schedule took effect (created, edited, enabled).
+        fresh = last is None or (since is not None and since > last)
         one_shot = bool(getattr(schedule, "once", False))
-        if one_shot and last is not None:
+        if one_shot and not fresh:
             return
-        # Limitation: a job that never fired is planned from now, so an @at
-        # instant that passed while no node led (a failover) never runs, even
-        # within the catch-up window (tests/test_break_session3.py, xfail).
         generation = old.generation + 1 if old else 0
         stage = self.stage_ahead > 0 and job.concurrency != CONCURRENCY_FORBID
         entry = _Entry(schedule, None, generation, one_shot, stage)
         self.entries[job.name] = entry
-        # An unchanged job continues from its last committed fire (catching
-        # up at most once); a new or edited one starts from now.
-        self._plan(job.name, entry, None if changed else last)
+        self._plan(job.name, entry, self._start_after(last, since, fresh, changed))
+
+    def _start_after(
+        self,
+        last: datetime | None,
+        since: datetime | None,
+        fresh: bool,
+        changed: bool,
+    ) -> datetime | None:
+        """The instant to plan a job from (None: from now).
+
+        A job that fired since its schedule took effect continues from its
+        last committed fire, catching up (an edit seen while leading starts
+        it from now). One that did not continues from `since`, so an
+        instant that passed while no server led (a failover) runs late
+        within the catch-up window like any missed fire; but a write taken
+        while this node led starts from now, as the leader saw it at once.
+        """
+        if not fresh:
+            return None if changed else last
+        if since is None or (
+            changed and self.lead_start is not None and since >= self.lead_start
+        ):
+            return None
+        # Not from `since` itself: a job disabled for long would walk every
+        # instant since; so its instants older than the window are skipped
+        # without being counted in `missed`.
+        # Limitation: `since` is the clock of the server that took the write;
+        # when it runs s seconds behind the leader's, instants up to s seconds
+        # before the write can run after a failover (within the window).
+        return max(since, self._now() - timedelta(seconds=self.catch_up))
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.wall(), UTC)
