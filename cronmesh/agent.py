@@ -425,15 +425,15 @@ class Agent:
 
     def job_warnings(self, job: Job) -> list[str]:
         """Things about a valid job that probably surprise its author."""
-        if job.executor != "shell":
-            return []
-        tail = dropped_tail(job.executor_config)
-        if not tail:
-            return []
-        return [
-            f'executor_config.command: without "shell": "true" it runs only up '
-            f"to the first | ; & < > (as in Dkron); this part is not run: {tail!r}"
-        ]
+        warnings = _never_runs(job, datetime.now(UTC))
+        tail = dropped_tail(job.executor_config) if job.executor == "shell" else ""
+        if tail:
+            warnings.append(
+                f'executor_config.command: without "shell": "true" it runs only '
+                f"up to the first | ; & < > (as in Dkron); this part is not run: "
+                f"{tail!r}"
+            )
+        return warnings
 
     async def propose(self, payload: bytes) -> ApplyResult:
         """An API write: through the leader, and visible here when it returns.
@@ -1573,6 +1573,27 @@ def load_keyring(data_dir: Path, key: str) -> Keyring | None:
 def _as_job(value: Any) -> Job:
     """A job from a local result (a Job) or a forwarded one (its JSON)."""
     return value if isinstance(value, Job) else Job.from_json(value, keep_runtime=True)
+
+
+def _never_runs(job: Job, now: datetime) -> list[str]:
+    """Why `job` will never run on its schedule, for a time already past."""
+    if job.expires_at is not None and job.expires_at <= now:
+        return [
+            f"expires_at: {format_time(job.expires_at)} is in the past: the job "
+            "will never run on its schedule (only when run by hand)"
+        ]
+    if not job.schedule:
+        return []  # a dependent job
+    try:
+        schedule = parse_schedule(job.schedule, job.timezone, job.name)
+    except CronmeshError:
+        return []  # validate_job refused it already
+    if getattr(schedule, "once", False) and schedule.next_after(now) is None:
+        return [
+            f"schedule: {job.schedule!r} is in the past: the job will never run "
+            "on its schedule (only when run by hand)"
+        ]
+    return []
 
 
 def _raise_for(result: ApplyResult) -> None:

@@ -366,3 +366,25 @@ def test_next_honours_starts_at_and_expires_at(agent: AgentProcess) -> None:
     past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     agent.post_job(shell_job("expired", "true", "*/5 * * * * *", expires_at=past))
     assert agent.http.get("/v1/jobs/expired").json()["next"] is None
+
+
+def test_a_time_already_past_is_stored_with_a_warning(agent: AgentProcess) -> None:
+    """An `@at` or `expires_at` in the past: the job can never run on its
+    schedule; it is stored (Dkron does) but the answer says so."""
+    from datetime import UTC, datetime, timedelta
+
+    past = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    ahead = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    gone = agent.post_job(shell_job("gone", "true", f"@at {past}"))
+    assert gone.status_code == 201, gone.text
+    (warning,) = gone.json()["warnings"]
+    assert warning.startswith("schedule: ") and "never run" in warning
+    assert gone.json()["next"] is None
+    assert agent.http.get("/v1/jobs/gone").status_code == 200
+    expired = agent.post_job(shell_job("over", "true", "@every 1m", expires_at=past))
+    (warning,) = expired.json()["warnings"]
+    assert warning.startswith("expires_at: ") and "never run" in warning
+    patched = agent.http.patch("/v1/jobs/over", json={"expires_at": ahead})
+    assert patched.status_code == 200 and "warnings" not in patched.json()
+    fine = agent.post_job(shell_job("ahead", "true", f"@at {ahead}"))
+    assert fine.status_code == 201 and "warnings" not in fine.json()

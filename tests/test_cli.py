@@ -112,6 +112,27 @@ def test_errors_are_one_line_with_the_right_exit_code(
     assert stdin.returncode == 0, stdin.stderr
 
 
+def test_apply_prints_the_warning_of_a_job_that_will_never_run(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    spec = tmp_path / "past.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "name": "too-late",
+                "schedule": "@at 2020-01-01T00:00:00Z",
+                "executor": "shell",
+                "executor_config": {"command": "true"},
+            }
+        )
+    )
+    applied = cli("jobs", "apply", "-f", str(spec), address=agent.url)
+    assert applied.returncode == 0, applied.stderr
+    assert "applied too-late" in applied.stdout
+    assert applied.stderr.startswith("cronmesh: warning: too-late: schedule: ")
+    assert "never run" in applied.stderr and applied.stderr.count("\n") == 1
+
+
 def test_agent_flags_are_checked_before_starting(tmp_path: Path) -> None:
     reserved = cli("agent", "--data-dir", str(tmp_path / "d"), "--tag", "server=yes")
     assert reserved.returncode == 2 and "reserved" in reserved.stderr
