@@ -133,6 +133,34 @@ def test_apply_prints_the_warning_of_a_job_that_will_never_run(
     assert "never run" in applied.stderr and applied.stderr.count("\n") == 1
 
 
+def test_every_bad_address_is_bad_usage_naming_the_option() -> None:
+    """A wrong scheme, port or host is refused before anything is sent."""
+    cases = [
+        (("jobs", "list"), "ftp://127.0.0.1:1"),
+        (("members",), "127.0.0.1:99999"),
+        (("doctor",), "http://"),
+        (("backup",), ":8080"),
+        (("executions", "logs", "a", "b"), "http://127.0.0.1:abc"),
+        (("jobs", "run", "a"), "http://127.0.0.1:0"),
+    ]
+    for command, address in cases:
+        result = cli(*command, "--address", address)
+        assert result.returncode == 2, (command, address, result.stderr)
+        assert result.stderr.startswith("cronmesh: error: --address: "), result.stderr
+        assert address in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_every_command_reports_errors_with_one_prefix(tmp_path: Path) -> None:
+    usage = cli("jobs", "list", "--no-such-flag")
+    schedule = cli("schedule", "next", "not a schedule")
+    agent = cli("agent", "--data-dir", str(tmp_path / "d"), "--tag", "server=yes")
+    for result in (usage, schedule, agent):
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("cronmesh: error: "), result.stderr
+        assert result.stderr.count("\n") == 1
+    assert "'cronmesh jobs list --help'" in usage.stderr
+
+
 def test_agent_flags_are_checked_before_starting(tmp_path: Path) -> None:
     reserved = cli("agent", "--data-dir", str(tmp_path / "d"), "--tag", "server=yes")
     assert reserved.returncode == 2 and "reserved" in reserved.stderr

@@ -219,7 +219,7 @@ def test_wrong_type_in_cli_is_one_line_exit_2(tmp_path: Path) -> None:
     code, _, err = check(tmp_path, CRONMESH_RETRY_MAX="twice")
     assert code == 2
     assert err == (
-        "cronmesh agent: error: CRONMESH_RETRY_MAX: expected an integer, "
+        "cronmesh: error: CRONMESH_RETRY_MAX: expected an integer, "
         "got a string 'twice'\n"
     )
 

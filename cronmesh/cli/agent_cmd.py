@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from cronmesh.agent import Agent, AgentConfig, parse_addr
+from cronmesh.cli.client import fail
 from cronmesh.config import (
     BOOL,
     INT,
@@ -61,8 +62,7 @@ def agent(**given: Any) -> None:
         loaded = load(flags=flags, config_file=config_file)
         token_count = check_security(loaded.config)
     except ValidationError as exc:
-        sys.stderr.write(f"cronmesh agent: error: {exc}\n")
-        raise typer.Exit(2) from exc
+        fail(str(exc), 2)
     if check:
         _print_check(loaded)
         raise typer.Exit(0)
@@ -82,13 +82,12 @@ def agent(**given: Any) -> None:
     try:
         asyncio.run(_run(config))
     except (CronmeshError, OSError) as exc:
-        sys.stderr.write(f"cronmesh agent: error: {exc}\n")
-        raise typer.Exit(1) from exc
+        fail(str(exc), 1)
 
 
 def _print_check(loaded: Loaded) -> None:
     for warning in loaded.warnings:
-        sys.stderr.write(f"cronmesh agent: warning: {warning}\n")
+        sys.stderr.write(f"cronmesh: warning: {warning}\n")
     source = loaded.sources.file or (f"none found in {', '.join(SEARCH_DIRS)}")
     typer.echo(f"# config file: {source}")
     for line in loaded.describe():

@@ -14,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["CaCertOpt", "Client", "JobArg", "TokenOpt", "executions", "jobs_app"]
+__all__ = [
+    "CaCertOpt",
+    "Client",
+    "JobArg",
+    "TokenOpt",
+    "check_address",
+    "executions",
+    "jobs_app",
+]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8080"
 
@@ -27,7 +35,8 @@ AddressOpt = Annotated[
     typer.Option(
         "--address",
         envvar="CRONMESH_ADDRESS",
-        help="HTTP address of an agent (env CRONMESH_ADDRESS).",
+        help="HTTP address of an agent, [http[s]://]host[:port] "
+        "(env CRONMESH_ADDRESS).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -59,6 +68,23 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def check_address(address: str) -> str:
+    """The base URL `address` names (http:// added when it has no scheme);
+    exit 2 naming --address when it cannot be an agent's HTTP address."""
+    url = address.strip() if "://" in address else f"http://{address.strip()}"
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        fail(f"--address: {address!r} is not a valid URL: {exc}", 2)
+    if parsed.scheme not in ("http", "https"):
+        fail(f"--address: {address!r}: the scheme must be http or https", 2)
+    if not parsed.host:
+        fail(f"--address: {address!r} names no host", 2)
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        fail(f"--address: {address!r}: port {parsed.port} is not in 1-65535", 2)
+    return url.rstrip("/")
+
+
 class Client:
     """A small synchronous client of an agent's HTTP API.
 
@@ -67,9 +93,7 @@ class Client:
     """
 
     def __init__(self, address: str, token: str = "", ca_cert: str = "") -> None:
-        if "://" not in address:
-            address = f"http://{address}"
-        self.address = address.rstrip("/")
+        self.address = check_address(address)
         token = (token or os.environ.get("CRONMESH_TOKEN", "")).strip()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         verify = _verify(ca_cert or os.environ.get("CRONMESH_CA_CERT", ""))
@@ -82,13 +106,18 @@ class Client:
             fail(f"--address: {address!r} is not a valid URL: {exc}", 2)
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer to a request; exit with the server's message if it said no."""
+        return self.check(self.request(method, path, **kwargs))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The answer to a request, whatever its status; exit 1 when the
+        agent cannot be reached."""
         try:
-            response = self.http.request(method, path, **kwargs)
+            return self.http.request(method, path, **kwargs)
         except (httpx.InvalidURL, ValueError) as exc:
             fail(f"--address: {self.address!r} is not a valid URL: {exc}", 2)
         except httpx.HTTPError as exc:
             fail(f"cannot reach cronmesh at {self.address}: {exc}")
-        return self.check(response)
 
     def check(self, response: httpx.Response) -> httpx.Response:
         """Exit with the server's message when it said no."""
@@ -242,7 +271,7 @@ def apply(
         _check_jobs(client, file, jobs)
     stored: list[dict[str, Any]] = []
     for job in jobs:
-        response = client.http.request("POST", "/v1/jobs", json=job)
+        response = client.request("POST", "/v1/jobs", json=job)
         if response.status_code >= 400 and stored:
             # Limitation: the list is applied job by job, so a job the server
             # refuses after the check (the cluster changed meanwhile) leaves

@@ -35,6 +35,7 @@ from cronmesh.cli.client import (
     Client,
     JsonOpt,
     TokenOpt,
+    check_address,
     fail,
     out,
     print_json,
@@ -595,10 +596,10 @@ def doctor(
     try:
         parse_addr(http_addr, 8080, "--http-addr")
         parse_addr(bind_addr, 8946, "--bind-addr")
-        for item in address or []:
-            httpx.URL(_url(item))
-    except (ValidationError, httpx.InvalidURL) as exc:
+    except ValidationError as exc:
         fail(str(exc), 2)
+    for item in address or []:
+        check_address(item)
     checks = run_checks(
         list(address or [DEFAULT_ADDRESS]),
         data_dir,

@@ -120,8 +120,9 @@ def main() -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(2)  # the help text was printed already
         ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else "cronmesh"
-        sys.stderr.write(f"{where}: error: {exc.format_message()}\n")  # type: ignore[attr-defined]
+        where = ctx.command_path if ctx is not None else PROG
+        message = exc.format_message()  # type: ignore[attr-defined]
+        sys.stderr.write(f"cronmesh: error: {message} (see '{where} --help')\n")
         sys.exit(2)
     except ClickException as exc:
         sys.stderr.write(f"cronmesh: error: {exc.format_message()}\n")  # type: ignore[attr-defined]

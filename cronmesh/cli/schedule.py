@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cronmesh.cli.client import fail
 from cronmesh.core.schedule import next_fires, parse_schedule
 from cronmesh.errors import ScheduleError
 
@@ -67,8 +68,7 @@ def next_command(
         begin = _parse_start(start, schedule.zone, now)
         fires = next_fires(expr, tz, begin, count, job_name)
     except ScheduleError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(_EXIT_BAD_INPUT) from exc
+        fail(str(exc), _EXIT_BAD_INPUT)
     if as_json:
         typer.echo(json.dumps([fire.isoformat() for fire in fires]))
         return
