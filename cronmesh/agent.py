@@ -1597,10 +1597,16 @@ def _never_runs(job: Job, now: datetime) -> list[str]:
 
 
 def _raise_for(result: ApplyResult) -> None:
+    """Raise the error of the kind `result.code` says (the API answers it
+    with that code again), if it is one."""
     if result.ok:
         return
     if result.code == 404:
         raise NotFoundError(result.error)
     if result.code == 409:
         raise ConflictError(result.error)
+    if result.code == 503:
+        raise UnavailableError(result.error)
+    if result.code >= 500:
+        raise CronmeshError(result.error)
     raise ValidationError(result.error)

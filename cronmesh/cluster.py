@@ -51,11 +51,12 @@ from cronmesh.errors import (
     ConflictError,
     CronmeshError,
     NotFoundError,
+    StorageError,
     UnavailableError,
     ValidationError,
 )
 from cronmesh.raft.driver import RaftDriver, RaftSettings
-from cronmesh.raft.errors import RaftError
+from cronmesh.raft.errors import ProposalDropped, RaftError
 from cronmesh.raft.types import ConfChange, ConfChangeOp
 from cronmesh.rpc import raft_pb2, raft_pb2_grpc
 from cronmesh.rpc.agent_rpc import SERVER_OPTIONS
@@ -64,7 +65,7 @@ from cronmesh.rpc.tls import RpcSecurity
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.raftlog import LmdbRaftStorage
 
-__all__ = ["Cluster", "value_json"]
+__all__ = ["Cluster", "error_code", "value_json"]
 
 log = logging.getLogger("cronmesh.cluster")
 
@@ -88,6 +89,20 @@ def value_json(value: Any) -> bytes:
     elif isinstance(value, list):
         value = [v.to_json() if hasattr(v, "to_json") else v for v in value]
     return json.dumps(value).encode()
+
+
+def error_code(exc: CronmeshError) -> int:
+    """The HTTP-like status of a refusal raised while proposing, as the
+    API would answer it; the forwarding server raises the same kind."""
+    if isinstance(exc, ValidationError):
+        return 400
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, ConflictError):
+        return 409
+    if isinstance(exc, (StorageError, UnavailableError, NotLeaderError, RaftError)):
+        return 503
+    return 500
 
 
 class Cluster:
@@ -234,14 +249,17 @@ class Cluster:
             return raft_pb2.ProposeReply(leader=self.driver.leader or "")
         try:
             result: ApplyResult = await self.driver.propose(command)
-        except ValidationError as exc:
-            # The command itself is refused (too large): an answer, not a
-            # redirect, or the caller would retry it at every server forever.
-            return raft_pb2.ProposeReply(code=400, error=str(exc))
-        except CronmeshError as exc:
+        except (NotLeaderError, ProposalDropped) as exc:
+            # Lost the lead meanwhile, or the entry was replaced by a new
+            # leader's: not applied, so the caller may try the leader now.
             return raft_pb2.ProposeReply(
                 leader=self.driver.leader or "", error=str(exc)
             )
+        except CronmeshError as exc:
+            # Any other refusal is an answer of its kind (a command too large
+            # is a 400), not a redirect: the caller would go round the
+            # servers with it and report "not the leader" at the end.
+            return raft_pb2.ProposeReply(code=error_code(exc), error=str(exc))
         return raft_pb2.ProposeReply(
             code=result.code, error=result.error, value=value_json(result.value)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -13,9 +14,18 @@ import pytest
 from conftest import REPO, AgentProcess, shell_job
 from test_cluster import job_names, leader_of, peers, start_cluster
 
+from cronmesh.agent import _raise_for
 from cronmesh.cluster import Cluster
-from cronmesh.core.fsm import StateMachine
-from cronmesh.errors import RemoteError
+from cronmesh.core.commitlog import NotLeaderError
+from cronmesh.core.fsm import ApplyResult, StateMachine, encode_command
+from cronmesh.errors import (
+    ConflictError,
+    NotFoundError,
+    RemoteError,
+    StorageError,
+    UnavailableError,
+    ValidationError,
+)
 from cronmesh.rpc import raft_pb2
 from cronmesh.storage.env import DataDir
 from cronmesh.storage.state import StateStore
@@ -224,3 +234,53 @@ def test_the_transport_refuses_messages_of_another_cluster(
         == "c-one"
     ), "the adopted id is durable"
     again.close()
+
+
+def test_a_forwarded_write_keeps_the_kind_of_the_leaders_refusal(
+    tmp_path: Path,
+) -> None:
+    """The leader's Propose answered every refusal but "too large" as a
+    redirect, so the forwarding server reported "not the leader" instead of
+    the real 404/409/503; and a redirect naming no leader was taken for a
+    success. s2 forwards to s1's handler; s1's proposal raises."""
+    servers, dirs = {}, []
+    for name in ("s1", "s2"):
+        data = DataDir(tmp_path / name)
+        dirs.append(data)
+        servers[name] = Cluster(
+            name, data, StateMachine(StateStore(data)), ("127.0.0.1", 0), dict
+        )
+    s1, s2 = servers["s1"], servers["s2"]
+    refusal: list[Exception] = []
+
+    async def refuse(command: bytes) -> ApplyResult:
+        raise refusal[0]
+
+    s1.driver.is_leader = lambda: True  # type: ignore[method-assign]
+    s1.driver.leader = "s1"
+    s1.driver.propose = refuse  # type: ignore[method-assign]
+    s2.driver.leader = "s1"
+    s2.driver.forward = lambda peer, command: s1._on_propose(command)
+    cases: list[tuple[Exception, type[Exception]]] = [
+        (NotFoundError("job 'x' not found"), NotFoundError),
+        (ConflictError("job 'x' is running"), ConflictError),
+        (ValidationError("command: too large"), ValidationError),
+        (StorageError("raft stopped: disk full"), UnavailableError),
+        (NotLeaderError("s3"), NotLeaderError),  # a redirect, still
+    ]
+    for error, kind in cases:
+        refusal[:] = [error]
+
+        async def forward() -> None:
+            _raise_for(await s2.driver.propose(encode_command("noop")))
+
+        with pytest.raises(kind) as caught:
+            asyncio.run(forward())
+        assert kind is NotLeaderError or str(caught.value) == str(error)
+    # s1 lost the lead and knows no leader: the write was not taken.
+    s1.driver.is_leader = lambda: False  # type: ignore[method-assign]
+    s1.driver.leader = None
+    with pytest.raises(NotLeaderError):
+        asyncio.run(s2.driver.propose(encode_command("noop")))
+    for data in dirs:
+        data.close()

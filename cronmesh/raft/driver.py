@@ -228,10 +228,14 @@ class RaftDriver:
                 if len(tried) >= 3 or self.leader in (None, leader):
                     raise NotLeaderError(self.leader or leader) from exc
                 continue
-            if reply.leader and not reply.code:
-                if len(tried) >= 3 or reply.leader in tried:
+            if not reply.code:
+                # A redirect: that server does not lead (any more). Without a
+                # hint it knows no leader: never an answer of success.
+                if not reply.leader or len(tried) >= 3 or reply.leader in tried:
                     raise NotLeaderError(reply.leader)
                 continue
+            # Any code is the leader's answer, a refusal of any kind too
+            # (Cluster._on_propose): the caller raises it as that kind.
             value = json.loads(reply.value) if reply.value else None
             return ApplyResult(code=reply.code, error=reply.error, value=value)
 
