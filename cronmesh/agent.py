@@ -17,11 +17,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import uvicorn
@@ -97,6 +97,7 @@ INHERITED_PAUSE = 0.5
 INHERITED_PAUSE_MAX = 4.0
 
 log = logging.getLogger("cronmesh.agent")
+T = TypeVar("T")
 
 # A sweep that wakes this much later than asked was stalled (SIGSTOP, swap).
 STALL_SECONDS = 5.0
@@ -782,13 +783,22 @@ class Agent:
         streamed = False
         try:
             address = self.rpc_address(execution.node_name)
-            async for chunk in self.agents.output(address, execution.id, follow=True):
+            chunks = self.agents.output(address, execution.id, follow=True)
+            # Ends when this agent stops, so the HTTP server stops with no
+            # response cut short (uvicorn logs that as an error).
+            async for chunk in _until(self._stop, chunks):
                 if chunk.data:
                     streamed = True
                     yield chunk.data
                 if not chunk.found:
                     yield await self._output_gone(execution, streamed)
                     break
+            else:
+                if self._stop.is_set():
+                    yield (
+                        f"\n[cronmesh] output stream ended: {self.node_name} is "
+                        f"stopping; the run goes on on {execution.node_name}\n"
+                    ).encode()
         except CronmeshError as exc:
             yield f"\n[cronmesh] output stream ended: {exc}\n".encode()
 
@@ -1573,6 +1583,37 @@ def load_keyring(data_dir: Path, key: str) -> Keyring | None:
 def _as_job(value: Any) -> Job:
     """A job from a local result (a Job) or a forwarded one (its JSON)."""
     return value if isinstance(value, Job) else Job.from_json(value, keep_runtime=True)
+
+
+async def _until(stop: asyncio.Event, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """The items of `items` until it ends or `stop` is set; an item being
+    awaited then is cancelled (and `items` closed, if it is a generator)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            step = asyncio.ensure_future(_next_of(items))
+            await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await step
+                return
+            item = step.result()
+            if item is None:
+                return
+            yield item
+    finally:
+        stopped.cancel()
+        if isinstance(items, AsyncGenerator):
+            await items.aclose()
+
+
+async def _next_of(items: AsyncIterator[T]) -> T | None:
+    """The next item of `items`, or None at its end."""
+    try:
+        return await anext(items)
+    except StopAsyncIteration:
+        return None
 
 
 def _never_runs(job: Job, now: datetime) -> list[str]:

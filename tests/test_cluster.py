@@ -256,3 +256,42 @@ def test_first_instants_that_pass_while_no_server_leads_run_late(
     first = since.replace(microsecond=0) + timedelta(seconds=2)
     every = new_leader.finished("late-every", timeout=30)
     assert min(datetime.fromisoformat(r["scheduled_at"]) for r in every) == first
+
+
+def test_servers_stopped_gracefully_log_nothing_alarming(agent_factory: Any) -> None:
+    """SIGTERM to each server in turn, the leader first while a client
+    follows the output of a run on another server through it: every log
+    ends without errors or gRPC's "Aborting method ... due to server stop",
+    and the follower gets a last line saying why its stream ended."""
+    nodes = start_cluster(agent_factory)
+    leader = leader_of(nodes)
+    job = shell_job(
+        "chatty", "echo begun; sleep 2; echo done", config={"shell": "true"}
+    )
+    assert leader.post_job(job).status_code == 201
+    assert leader.http.post("/v1/jobs/chatty/run").status_code == 202
+    elsewhere = leader.wait_for(
+        "a run on another server",
+        lambda: [
+            e
+            for e in leader.executions("chatty")
+            if e["node_name"] != leader.name and e["finished_at"] is None
+        ],
+    )[0]
+    path = f"/v1/jobs/chatty/executions/{elsewhere['id']}/output"
+    with leader.http.stream("GET", path, params={"follow": "true"}) as response:
+        assert response.status_code == 200
+        chunks = response.iter_bytes()
+        assert b"begun" in next(chunks)
+        assert leader.stop() == 0
+        told = b"".join(chunks).decode()
+    assert f"[cronmesh] output stream ended: {leader.name} is stopping" in told
+    for node in [n for n in nodes if n is not leader]:
+        assert node.stop() == 0
+    for node in nodes:
+        alarming = [
+            line
+            for line in node.log().splitlines()
+            if " ERROR " in line or "Aborting method" in line or "Traceback" in line
+        ]
+        assert alarming == [], (node.name, alarming)

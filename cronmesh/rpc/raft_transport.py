@@ -142,6 +142,8 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         # `_peers` (a server that hears from a peer before sending to it).
         self._wire: dict[str, int] = {}
         self._closed = False
+        # The contexts of the `Stream` calls peers have open to this server.
+        self._incoming: set[grpc.aio.ServicerContext] = set()
         self.dropped = 0
         self.received = 0
         self.cluster_id: Callable[[], str] = lambda: ""
@@ -304,7 +306,17 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         return reply
 
     async def close(self) -> None:
+        """Close the streams this server opened and end those peers opened
+        to it, so stopping the gRPC server finds no call still running."""
         self._closed = True
+        for context in list(self._incoming):
+            # A peer that is not the leader may send nothing for as long as
+            # it lives: its stream would last until gRPC cancels it at the
+            # end of the stop's grace period, and gRPC warns "Aborting method
+            # ... due to server stop" when it does. Ended here, the handler
+            # wakes from its read with this abort and returns quietly.
+            with contextlib.suppress(grpc.aio.BaseError):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server stopping")
         for peer in self._peers.values():
             peer.drop_stream()
             if peer.task is not None:
@@ -369,11 +381,21 @@ class RaftTransport(raft_pb2_grpc.RaftServicer):
         request_iterator: AsyncIterator[raft_pb2.RaftBatch],
         context: grpc.aio.ServicerContext,
     ) -> raft_pb2.Ack:
+        if self._closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server stopping")
+        self._incoming.add(context)
+        try:
+            return await self._stream(request_iterator, context)
+        finally:
+            self._incoming.discard(context)
+
+    async def _stream(
+        self,
+        request_iterator: AsyncIterator[raft_pb2.RaftBatch],
+        context: grpc.aio.ServicerContext,
+    ) -> raft_pb2.Ack:
         async for batch in request_iterator:
-            if self._closed:
-                # Ends the stream at the peer's next message (a heartbeat
-                # away), so the gRPC server does not wait its whole grace
-                # period for a stream that lasts as long as its sender.
+            if self._closed:  # a batch read as close() ran: not taken
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server stopping")
             sender = getattr(batch, "from")
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import random
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 
 import grpc
 import lmdb
+import pytest
 
 from cronmesh.core.fsm import StateMachine, encode_command
 from cronmesh.raft.driver import RaftDriver, RaftSettings
@@ -327,25 +329,46 @@ def test_a_receiver_without_stream_gets_one_call_per_message() -> None:
     run(scenario)
 
 
-def test_a_closed_receiver_ends_the_streams_that_peers_opened() -> None:
+def test_a_closed_receiver_ends_the_streams_that_peers_opened(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At once, even an idle one: a peer that is not the leader may send
+    nothing for as long as it lives, and its stream would run until gRPC
+    cancels it at the end of the stop's grace period, warning "Aborting
+    method ... due to server stop". Nothing received after close() is taken."""
+
     async def scenario() -> None:
         receiver = RaftTransport("b", lambda _: None, lambda _: None)
-        async with _Server(receiver) as server:
-            sender = RaftTransport("a", lambda _: f"127.0.0.1:{server.port}", print)
-            try:
-                sender.send(appends(1)[0])
-                while receiver.received < 1:
-                    await asyncio.sleep(0.01)
-                stream = sender._peers["b"].stream
-                assert stream is not None and not stream.done()
-                await receiver.close()
-                sender.send(appends(2)[1])  # e.g. the next heartbeat
-                assert await stream.code() is grpc.StatusCode.UNAVAILABLE
-                assert receiver.received == 1
-            finally:
-                await sender.close()
+        server = grpc.aio.server()
+        raft_pb2_grpc.add_RaftServicer_to_server(receiver, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        sender = RaftTransport("a", lambda _: f"127.0.0.1:{port}", print)
+        try:
+            sender.send(appends(1)[0])
+            while receiver.received < 1:
+                await asyncio.sleep(0.01)
+            stream = sender._peers["b"].stream
+            assert stream is not None
+            await receiver.close()  # nothing more is sent on the stream
+            code = await asyncio.wait_for(stream.code(), 10)
+            assert code is grpc.StatusCode.UNAVAILABLE
+            sender.send(appends(2)[1])  # the next heartbeat opens a new stream
+            while sender._peers["b"].stream in (stream, None):
+                await asyncio.sleep(0.01)
+            again = sender._peers["b"].stream
+            assert again is not None
+            code = await asyncio.wait_for(again.code(), 10)
+            assert code is grpc.StatusCode.UNAVAILABLE
+            assert receiver.received == 1
+            with caplog.at_level(logging.DEBUG, logger="grpc"):
+                await server.stop(30)
+        finally:
+            await sender.close()
 
     run(scenario)
+    noise = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert noise == [], [r.getMessage() for r in noise]
 
 
 class _Recording(RaftTransport):
