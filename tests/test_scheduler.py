@@ -262,3 +262,20 @@ def test_an_at_job_moved_to_a_new_instant_after_it_ran_runs_again(
     world.now = T0 + timedelta(seconds=30)
     world.lead()  # an edit that kept the schedule does not arm it again
     assert world.scheduler.next_fire("once") is None
+
+
+def test_a_one_shot_job_that_ran_late_is_not_armed_again_by_enabling_it(
+    world: World,
+) -> None:
+    """Enabling sets schedule_since, but a one-shot job whose instant ran
+    stays done: an @after run late within its grace would run again."""
+    world.add_job("once", f"@after {format_time(T0)} <PT1H")
+    late = T0 + timedelta(minutes=5)
+    world.record_fire("once", late)  # a late start within the grace
+    world.now = late + timedelta(minutes=1)
+    assert world.apply("set_disabled", name="once", disabled=True).ok
+    at = format_time(world.now)
+    assert world.apply("set_disabled", name="once", disabled=False, at=at).ok
+    world.lead()
+    assert world.scheduler.next_fire("once") is None
+    assert world.run_due() == []

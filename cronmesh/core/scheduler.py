@@ -228,8 +228,9 @@ class Scheduler:
         # Not fired since its schedule took effect (created, edited, enabled).
         fresh = last is None or (since is not None and since > last)
         one_shot = bool(getattr(schedule, "once", False))
-        if one_shot and not fresh:
-            return
+        instant = getattr(schedule, "instant", None)
+        if one_shot and last is not None and (instant is None or instant <= last):
+            return  # its instant ran (moved to a later one, it runs again)
         generation = old.generation + 1 if old else 0
         stage = self.stage_ahead > 0 and job.concurrency != CONCURRENCY_FORBID
         entry = _Entry(schedule, None, generation, one_shot, stage)
