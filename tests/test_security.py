@@ -134,6 +134,14 @@ def test_cli_sends_the_token_from_flag_or_environment(secured: AgentProcess) -> 
     assert shown.returncode == 0 and '"name": "c"' in shown.stdout
     members = cli("members", *url, env={"CRONMESH_TOKEN": READ})
     assert members.returncode == 0, members.stderr
+    # backup and restore take --token too.
+    saved = secured.data_dir.parent / "backup.json"
+    assert cli("backup", "-o", str(saved), *url).returncode == 1
+    backed = cli("backup", "-o", str(saved), *url, "--token", WRITE)
+    assert backed.returncode == 0, backed.stderr
+    assert '"name": "c"' in saved.read_text() or '"name":"c"' in saved.read_text()
+    checked = cli("restore", str(saved), "--dry-run", *url, "--token", WRITE)
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_secrets_stay_out_of_logs_errors_and_answers(

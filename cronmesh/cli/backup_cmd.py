@@ -38,8 +38,10 @@ from rich.table import Table
 from cronmesh.cli.client import (
     DEFAULT_ADDRESS,
     AddressOpt,
+    CaCertOpt,
     Client,
     JsonOpt,
+    TokenOpt,
     _message,
     fail,
     out,
@@ -62,9 +64,11 @@ def backup(
         typer.Option("--executions", help="Include the executions and outputs."),
     ] = False,
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
 ) -> None:
     """Write every job (and optionally the executions) to a backup file."""
-    client = Client(address)
+    client = Client(address, token, ca_cert)
     params = {"executions": "true"} if executions else {}
     if output is None:
         jobs, count = _download(client, params, sys.stdout.buffer)
@@ -159,6 +163,8 @@ def restore(
         typer.Option("--dry-run", help="Check the file and report; write nothing."),
     ] = False,
     address: AddressOpt = DEFAULT_ADDRESS,
+    token: TokenOpt = "",
+    ca_cert: CaCertOpt = "",
     as_json: JsonOpt = False,
 ) -> None:
     """Restore jobs (and executions) from a backup file, all or nothing."""
@@ -166,7 +172,7 @@ def restore(
         data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror}", 2)
-    client = Client(address)
+    client = Client(address, token, ca_cert)
     params = {"dry_run": "true"} if dry_run else {}
     try:
         response = client.http.post(
