@@ -40,8 +40,9 @@ hands it over then, and the agent starts it at the instant. So the instant
 itself costs a process start, not a Raft commit, a hand-over and an outbox
 write on top (docs/benchmarks.md, "Cluster"). A `forbid` job is taken at its
 instant: whether it may run depends on its previous run, which may still
-end. A staged run is committed when it is staged, so an edit, a disable or a
-delete of the job within that last stretch applies from the next instant.
+end. A staged run is committed when it is staged, so an edit or a disable
+of the job within that last stretch applies from the next instant (a delete
+stops it, as it stops any run of the deleted job).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class Scheduler:
         self.entries: dict[str, _Entry] = {}
         self._heap: list[tuple[float, int, str, int]] = []
         self._seq = 0
+        # Generations come from one counter: a job deleted and re-created
+        # under its name must not find its old heap items valid again.
+        self._generation = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._fires: set[asyncio.Task[object]] = set()
@@ -215,7 +219,7 @@ class Scheduler:
 
     # -- entries
     def _load(self, job: Job, *, changed: bool = False) -> None:
-        old = self.entries.pop(job.name, None)
+        self.entries.pop(job.name, None)
         if not job.schedule:
             return
         try:
@@ -231,7 +235,8 @@ class Scheduler:
         instant = getattr(schedule, "instant", None)
         if one_shot and last is not None and (instant is None or instant <= last):
             return  # its instant ran (moved to a later one, it runs again)
-        generation = old.generation + 1 if old else 0
+        self._generation += 1
+        generation = self._generation
         stage = self.stage_ahead > 0 and job.concurrency != CONCURRENCY_FORBID
         entry = _Entry(schedule, None, generation, one_shot, stage)
         self.entries[job.name] = entry
