@@ -915,13 +915,46 @@ def _can_gate(cfg: ShellConfig) -> bool:
 
 
 def _findable(program: str, env: dict[bytes, bytes]) -> bool:
-    """Whether ``program`` resolves to an executable file, searched as
-    ``_spawn_path`` (and the gate's shell, with the same PATH) search it."""
+    """Whether ``program`` resolves to a file the kernel itself executes,
+    searched as ``_spawn_path`` (and the gate's shell, with the same PATH)
+    search it: an ELF binary, or a script whose ``#!`` interpreter is an
+    executable file.
+
+    Anything else must not be gated: the gate's shell runs a file that
+    execve refuses as ENOEXEC (a script without ``#!``) as a shell script
+    itself, and reports a failed exec as its own exit status 126 or 127,
+    where the direct start fails with the usual "cannot start" error.
+    """
     if os.path.dirname(program):
         candidates = [program]
     else:
         candidates = [os.path.join(d, program) for d in os.get_exec_path(env)]  # type: ignore[arg-type]
-    return any(os.path.isfile(c) and os.access(c, os.X_OK) for c in candidates)
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return _kernel_execs(path)
+    return False
+
+
+def _kernel_execs(path: str) -> bool:
+    """Whether execve takes the executable file ``path`` as it is.
+
+    Limitation: a damaged ELF file still counts (the kernel refuses it with
+    ENOEXEC); gated, it fails with exit status 126 and the shell's message.
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(256)
+    except OSError:
+        return False
+    if head.startswith(b"\x7fELF"):
+        return True
+    if not head.startswith(b"#!"):
+        return False
+    words = head[2:].split(b"\n", 1)[0].split()
+    if not words:
+        return False
+    interpreter = os.fsdecode(words[0])
+    return os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
 
 
 async def _wait_gate(gate: StartGate, cancel: asyncio.Event | None) -> None:
