@@ -262,6 +262,10 @@ class Runner:
         if live.note:
             output = f"{output}[cronmesh] {live.note}\n"
         execution.finished_at = utcnow()
+        if execution.finished_at < execution.started_at:
+            # Killed before its instant (a staged run): it ends where it
+            # would have begun, not before (as Dispatcher._dispatch does).
+            execution.finished_at = execution.started_at
         execution.success = success
         execution.output = output
         live.finished = True
