@@ -133,7 +133,9 @@ class Dispatcher:
         self._last_start_ns = 0
         # Start times (ns) given to staged runs, for unique execution ids.
         self._staged_ns: set[int] = set()
-        self.active = True
+        # Whether _staged_ns still lacks the runs staged by other leaders.
+        self._learn_staged = True
+        self._active = True
         self.node_tags: Callable[[], dict[str, str]] = dict
         # The live members to pick targets from; by default this node only.
         self.members: Callable[[], list[Candidate]] = lambda: [
@@ -150,6 +152,17 @@ class Dispatcher:
         self.on_started: list[Callable[[Execution], None]] = []
         # Metrics hook: seconds from a fire instant to its start committed.
         self.observe_fire_lag: Callable[[float], None] = lambda seconds: None
+
+    @property
+    def active(self) -> bool:
+        """Whether this node leads (set by the agent)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        if value and not self._active:
+            self._learn_staged = True  # another leader may have staged runs
+        self._active = value
 
     def _started_at(self) -> datetime:
         # Execution ids carry the start in ns; two runs of one node in the
@@ -169,6 +182,16 @@ class Dispatcher:
         or the first free microsecond after it (runs of one instant on one
         node need distinct ids)."""
         now_ns = to_ns(self.clock())
+        if self._learn_staged:
+            # The previous leader's staged runs keep ids made of their
+            # instants: a run staged here for the same instant on the same
+            # node must not take one (its agent would answer that it has
+            # it, and it would never start).
+            self._learn_staged = False
+            for ref in self.store.running_refs():
+                ns = int(ref.id.partition("-")[0])
+                if ns >= now_ns:
+                    self._staged_ns.add(ns)
         if len(self._staged_ns) > 4096:
             horizon = now_ns - int(STAGED_IDS_KEPT * 1e9)
             self._staged_ns = {ns for ns in self._staged_ns if ns > horizon}
