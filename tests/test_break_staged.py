@@ -9,6 +9,7 @@ and a program the gate's shell treats differently from a direct start.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import Counter
@@ -20,6 +21,13 @@ from typing import Any
 import pytest
 from conftest import AgentProcess, shell_job
 from test_distributed import leader_of, start_mesh, stop_all
+
+from cronmesh.core.commitlog import LocalLog
+from cronmesh.core.dispatcher import Dispatcher
+from cronmesh.core.fsm import StateMachine, encode_command
+from cronmesh.core.runner import Runner
+from cronmesh.storage.env import DataDir
+from cronmesh.storage.state import StateStore
 
 
 def ts(text: str) -> datetime:
@@ -285,3 +293,48 @@ def test_a_leader_killed_in_the_lead_second_leaves_one_run_per_instant(
         assert by_id[staged["id"]]["success"] is True, by_id[staged["id"]]
     finally:
         stop_all(nodes)
+
+
+def test_a_new_leader_does_not_reuse_the_id_of_a_run_staged_before_it(
+    tmp_path: Path,
+) -> None:
+    # Staged runs start at the instant itself, so their execution ids
+    # (start ns + node) collide for two jobs due at one instant on one node;
+    # the dispatcher kept them apart in memory only. A new leader staging
+    # job B at the instant the old one staged job A on the same node gave B
+    # A's id: the node answered "running" (it has that id), B never ran and
+    # its record stayed running. Fixed: a dispatcher that starts leading
+    # learns the starts of the runs already staged.
+    data = DataDir(tmp_path / "d")
+    fsm = StateMachine(StateStore(data))
+    out = tmp_path / "ran.txt"
+    for name in ("a", "b"):
+        job = shell_job(name, f"echo {name} >> {out}", config={"shell": "true"})
+        index = fsm.store.applied_index() + 1
+        fsm.apply_batch([(index, encode_command("set_job", job=job))])
+
+    async def scenario() -> list[str]:
+        log = LocalLog(fsm)
+        runner = Runner("w1", log, max_output=1000)
+        instant = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+        old = Dispatcher("w1", fsm.store, log, runner)
+        first = await old.fire("a", fire_at=instant)
+        old.active = False  # it lost the lead
+        new = Dispatcher("w1", fsm.store, log, runner)
+        new.active = True
+        second = await new.fire("b", fire_at=instant)
+        assert first.execution is not None and second.execution is not None
+        ids = [first.execution.id, second.execution.id]
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not runner.running_ids() and lines_of(out):
+                break
+        await runner.stop(1.0)
+        return ids
+
+    try:
+        ids = asyncio.run(scenario())
+        assert ids[0] != ids[1], ids
+        assert sorted(lines_of(out)) == ["a", "b"]
+    finally:
+        data.close()
