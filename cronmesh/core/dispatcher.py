@@ -71,6 +71,8 @@ _UNANSWERED = "unanswered"  # an attempt may have reached it; no answer came
 SendRun = Callable[[str, Job, Execution, float], Awaitable[object]]
 # Staged start times are kept this long to keep execution ids unique.
 STAGED_IDS_KEPT = 10.0
+# Kept start times are pruned when there are more than this.
+STAGED_IDS_PRUNE = 4096
 
 
 @dataclass
@@ -135,6 +137,12 @@ class Dispatcher:
         self._staged_ns: set[int] = set()
         # Whether _staged_ns still lacks the runs staged by other leaders.
         self._learn_staged = True
+        # Per instant (ns), where the search for its next free start begins:
+        # the runs of one instant take consecutive microseconds, and
+        # searching from the instant each time cost O(runs) per run (8,000
+        # runs of one instant took 3.6 s of the loop).
+        self._staged_next: dict[int, int] = {}
+        self._staged_prune_at = STAGED_IDS_PRUNE
         self._active = True
         self.node_tags: Callable[[], dict[str, str]] = dict
         # The live members to pick targets from; by default this node only.
@@ -192,13 +200,20 @@ class Dispatcher:
                 ns = int(ref.id.partition("-")[0])
                 if ns >= now_ns:
                     self._staged_ns.add(ns)
-        if len(self._staged_ns) > 4096:
+        if len(self._staged_ns) > self._staged_prune_at:
             horizon = now_ns - int(STAGED_IDS_KEPT * 1e9)
             self._staged_ns = {ns for ns in self._staged_ns if ns > horizon}
-        ns = to_ns(instant)
+            self._staged_next = {
+                at: ns for at, ns in self._staged_next.items() if at > horizon
+            }
+            # What is left is in use: prune again only once it has doubled.
+            self._staged_prune_at = max(STAGED_IDS_PRUNE, 2 * len(self._staged_ns))
+        at = to_ns(instant)
+        ns = self._staged_next.get(at, at)
         while ns in self._staged_ns or ns == self._last_start_ns:
             ns += 1000
         self._staged_ns.add(ns)
+        self._staged_next[at] = ns + 1000
         return _from_ns(ns)
 
     def _start_in(self, execution: Execution) -> float:
