@@ -187,12 +187,13 @@ class Scheduler:
             job = self.store.get_job(event.job)
             if job is not None:
                 previous = event.previous
-                if previous is None or (previous.schedule, previous.timezone) != (
-                    job.schedule,
-                    job.timezone,
-                ):
+                same = previous is not None and (
+                    previous.schedule,
+                    previous.timezone,
+                ) == (job.schedule, job.timezone)
+                if not same:
                     self._drop_waiting(event.job)
-                self._load(job, changed=True)
+                self._load(job, changed=True, same_schedule=same)
         elif event.kind == "job_deleted":
             self.entries.pop(event.job, None)
             self._drop_waiting(event.job)
@@ -218,7 +219,9 @@ class Scheduler:
         return entry.next_fire
 
     # -- entries
-    def _load(self, job: Job, *, changed: bool = False) -> None:
+    def _load(
+        self, job: Job, *, changed: bool = False, same_schedule: bool = False
+    ) -> None:
         self.entries.pop(job.name, None)
         if not job.schedule:
             return
@@ -240,7 +243,17 @@ class Scheduler:
         stage = self.stage_ahead > 0 and job.concurrency != CONCURRENCY_FORBID
         entry = _Entry(schedule, None, generation, one_shot, stage)
         self.entries[job.name] = entry
-        self._plan(job.name, entry, self._start_after(last, since, fresh, changed))
+        after = self._start_after(last, since, fresh, changed)
+        ahead = 0.0 if last is None else (last - self._now()).total_seconds()
+        if changed and same_schedule and ahead > 0:
+            # A run staged for an instant still ahead was committed (it
+            # runs): an edit that kept the schedule goes on after it, as an
+            # unchanged job does; taking it again would only have the state
+            # machine refuse it ("already ran").
+            after = last
+            if ahead <= self.stage_ahead:  # not a clock that went back
+                entry.staged = last
+        self._plan(job.name, entry, after)
 
     def _start_after(
         self,
