@@ -463,7 +463,8 @@ class Runner:
         for record in records:
             execution = record.execution
             if not record.done:
-                execution.finished_at = utcnow()
+                # A staged run cut before its instant ends at it, not earlier.
+                execution.finished_at = max(utcnow(), execution.started_at)
                 execution.success = False
                 execution.output = (
                     f"[cronmesh] interrupted: the agent stopped while this "
