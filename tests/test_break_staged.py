@@ -232,18 +232,20 @@ def test_a_gated_program_fails_as_a_direct_start_does(
 def test_an_agent_killed_while_holding_a_run_runs_nothing_and_reports_it(
     agent_factory: Any, tmp_path: Path
 ) -> None:
-    agent = agent_factory(name="k9")
+    # A long lead (--stage-ahead 10, a daily instant 8 s away: staged 7.2 s
+    # ahead) so that the restart reports the run before its instant: it was
+    # recorded ending before it began. Fixed (Runner.recover).
+    agent = agent_factory("--stage-ahead", "10", name="k9")
     out = tmp_path / "k9.txt"
-    job = shell_job("k9", f"echo ran >> {out}", "@every 3s", config={"shell": "true"})
+    at = datetime.now(UTC) + timedelta(seconds=8)
+    cron = f"{at.second} {at.minute} {at.hour} * * *"
+    job = shell_job("k9", f"echo ran >> {out}", cron, config={"shell": "true"})
+    job["timezone"] = "UTC"
     assert agent.post_job(job).status_code == 201
     staged = wait_held(agent, "k9")
-    assert gate_shells(str(out)), "no process held at the gate"
+    agent.wait_for("a process held at the gate", lambda: gate_shells(str(out)), 10)
     agent.kill9()
     agent.wait_for("the held shells gone", lambda: not gate_shells(str(out)), 10)
-    time.sleep(
-        max(0.0, (ts(staged["started_at"]) - datetime.now(UTC)).total_seconds()) + 0.3
-    )
-    assert lines_of(out) == []
     agent.start()
 
     def reported() -> dict[str, Any] | None:
@@ -255,6 +257,10 @@ def test_an_agent_killed_while_holding_a_run_runs_nothing_and_reports_it(
     run = agent.wait_for("the held run reported", reported)
     assert run["success"] is False
     assert "interrupted" in run["output"]
+    assert ts(run["finished_at"]) >= ts(run["started_at"]), run
+    wait = (ts(staged["started_at"]) - datetime.now(UTC)).total_seconds()
+    time.sleep(max(0.0, wait) + 0.3)
+    assert lines_of(out) == []
 
 
 def test_a_leader_killed_in_the_lead_second_leaves_one_run_per_instant(
