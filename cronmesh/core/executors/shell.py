@@ -940,6 +940,8 @@ def _kernel_execs(path: str) -> bool:
 
     Limitation: a damaged ELF file still counts (the kernel refuses it with
     ENOEXEC); gated, it fails with exit status 126 and the shell's message.
+    So does a program removed or replaced between the staging and the
+    instant (exit status 127 or 126): it is looked at when the run is staged.
     """
     try:
         with open(path, "rb") as file:
