@@ -194,15 +194,18 @@ def test_a_gated_program_fails_as_a_direct_start_does(
     # The gate's shell ran a script without `#!` itself (execve says
     # ENOEXEC, dash then runs the file as a shell script), where a direct
     # start fails "Exec format error"; a script whose interpreter is
-    # missing failed with the shell's "exec: ...: not found" and exit 127.
+    # missing (or named with a CRLF line end) failed with the shell's
+    # "exec: ...: not found" and exit 127.
     # Fixed: such programs are not gated.
     no_shebang = tmp_path / "no-shebang"
     no_shebang.write_text(f"echo ran >> {tmp_path / 'ran.txt'}\n")
     missing = tmp_path / "missing-interpreter"
     missing.write_text("#!/nonexistent/interpreter\necho hi\n")
-    for script in (no_shebang, missing):
+    crlf = tmp_path / "crlf"  # the kernel looks for "/bin/sh\r"
+    crlf.write_bytes(b"#!/bin/sh\r\necho hi\r\n")
+    for script in (no_shebang, missing, crlf):
         script.chmod(0o755)
-    names = {"gate-noshebang": no_shebang, "gate-missing": missing}
+    names = {"gate-noshebang": no_shebang, "gate-missing": missing, "gate-crlf": crlf}
     for name, script in names.items():
         assert (
             node.post_job(shell_job(name, str(script), "@every 2s")).status_code == 201

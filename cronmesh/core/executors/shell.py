@@ -952,10 +952,13 @@ def _kernel_execs(path: str) -> bool:
         return True
     if not head.startswith(b"#!"):
         return False
-    words = head[2:].split(b"\n", 1)[0].split()
-    if not words:
+    # As the kernel reads the line: the name ends at a space or a tab, so a
+    # `\r` (a script saved with CRLF line ends) is part of it.
+    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+    name = line.replace(b"\t", b" ").split(b" ", 1)[0]
+    if not name:
         return False
-    interpreter = os.fsdecode(words[0])
+    interpreter = os.fsdecode(name)
     return os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)
 
 
