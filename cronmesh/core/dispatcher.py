@@ -194,7 +194,9 @@ class Dispatcher:
             # The previous leader's staged runs keep ids made of their
             # instants: a run staged here for the same instant on the same
             # node must not take one (its agent would answer that it has
-            # it, and it would never start).
+            # it, and it would never start). Limitation: only running ones
+            # are learned; a staged run the old leader's agent already ended
+            # (killed before its instant) keeps its id in its agent's memory.
             self._learn_staged = False
             for ref in self.store.running_refs():
                 ns = int(ref.id.partition("-")[0])
