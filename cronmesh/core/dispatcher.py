@@ -331,9 +331,8 @@ class Dispatcher:
             )
             return FireOutcome(skipped=result.error, result=result)
         if fire_at is not None and trigger == "schedule":
-            # Limitation: a staged run is committed before its instant and
-            # counts 0 here; how late its agent really started it (a late
-            # hand-over, a busy agent) is measured nowhere.
+            # A staged run is committed before its instant and counts 0
+            # here; its agent measures its real start (run_start_lag).
             lag = (self.clock() - fire_at).total_seconds()
             self.observe_fire_lag(max(0.0, lag))
         for execution in executions:

@@ -191,7 +191,7 @@ class Runner:
             if early > 0:
                 live.note = (
                     f"killed {early:.3f}s before its instant: the job never ran "
-                    "(its finished_at is before its started_at)"
+                    "(its record ends at its instant)"
                 )
         live.cancel.set()
         return True
