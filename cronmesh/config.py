@@ -652,6 +652,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
     except Exception as exc:  # each parser has its own error class
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)  # YAML's: where it went wrong
+        if mark is not None:
+            problem = getattr(exc, "problem", None) or first
+            first = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
         raise ValidationError(f"{path}: cannot be parsed: {first}") from exc
     if data is None:
         return {}

@@ -121,6 +121,16 @@ def test_each_file_format(tmp_path: Path, name: str, text: str) -> None:
     assert config.tags == {"zone": "a"}
 
 
+def test_a_broken_yaml_file_names_the_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "c.yml"
+    path.write_text("server: true\ntags: [a, b\nnode-name: x\n")
+    with pytest.raises(ValidationError) as caught:
+        load(config_file=path, env={})
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot be parsed: line 3, column 10:"), message
+    assert "\n" not in message
+
+
 DKRON_YML = """\
 # A dkron.yml as Dkron's docs show one.
 server: true
