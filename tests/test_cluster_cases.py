@@ -22,7 +22,11 @@ def ts(text: str) -> float:
 def test_J12_leader_failover_keeps_scheduling_every_job(agent_factory: Any) -> None:
     nodes = start_cluster(agent_factory)
     leader = leader_of(nodes)
-    job = shell_job("myjob", "uptime", "@every 2s", concurrency="forbid")
+    # The case's 2 minutes, compressed to 3 s. Not 2 s: a run handed to the
+    # old node while it restarts is reported once that node knows the leader
+    # (about a second, more on a loaded machine), and until then `forbid`
+    # rightly holds the next instant back (seen once in CI at 2 s: one gap).
+    job = shell_job("myjob", "uptime", "@every 3s", concurrency="forbid")
     assert leader.post_job(job).status_code == 201
     leader.finished("myjob", count=9, timeout=30)  # 3 servers x 3 fires
     leader.kill9()
@@ -43,10 +47,10 @@ def test_J12_leader_failover_keeps_scheduling_every_job(agent_factory: Any) -> N
     # One execution per (instant, node): no tick doubled by old and new leader.
     per_tick = Counter((r["scheduled_at"], r["node_name"]) for r in runs)
     assert max(per_tick.values()) == 1, per_tick.most_common(1)
-    # No 2 s interval without a fire, across the kill and the old node's return.
+    # No interval without a fire, across the kill and the old node's return.
     instants = sorted({ts(r["scheduled_at"]) for r in runs if r["scheduled_at"]})
     gaps = [b - a for a, b in itertools.pairwise(instants)]
-    assert instants and max(gaps) <= 2.0, gaps
+    assert instants and max(gaps) <= 3.0, gaps
     assert instants[-1] > time.time() - 5, "scheduling stopped"
     nxt = new_leader.http.get("/v1/jobs/myjob").json()["next"]
     assert nxt and ts(nxt) > time.time() - 1
