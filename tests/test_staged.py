@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cronmesh.core.executors.base import OutputBuffer
+from cronmesh.core.executors.base import ExecResult, OutputBuffer
 from cronmesh.core.executors.gate import StartGate
 from cronmesh.core.executors.shell import ShellExecutor
 
@@ -86,27 +86,45 @@ def test_a_gated_process_runs_its_command_only_when_the_gate_opens(shell: str) -
     assert seen["env"] == seen["direct_env"] and seen["env"]
 
 
-def test_a_staged_run_killed_before_its_instant_never_runs(tmp_path: Path) -> None:
-    marker = tmp_path / "ran"
+def run_held(
+    config: dict[str, str],
+    *,
+    open_in: float | None = None,
+    close_in: float | None = None,
+    cancel_in: float | None = None,
+) -> tuple[ExecResult, float]:
+    """Run `config` held at a gate that opens (or closes) after the given
+    seconds, optionally cancelled; the result and the seconds it took."""
 
-    async def main() -> tuple[bool, str]:
+    async def main() -> tuple[ExecResult, float]:
         loop = asyncio.get_running_loop()
         gate = StartGate(loop)
-        loop.call_later(1.0, gate.open)
-        cancel = asyncio.Event()
-        loop.call_later(0.2, cancel.set)
+        if open_in is not None:
+            loop.call_later(open_in, gate.open)
+        if close_in is not None:
+            loop.call_later(close_in, gate.close)
+        cancel = None
+        if cancel_in is not None:
+            cancel = asyncio.Event()
+            loop.call_later(cancel_in, cancel.set)
+        began = time.monotonic()
         result = await ShellExecutor().run(
-            {"command": f"touch {marker}"},
+            config,
             OutputBuffer(10_000),
-            job_name="k",
-            execution_id="e2",
+            job_name="held",
+            execution_id="e",
             gate=gate,
             cancel=cancel,
         )
-        return result.success, result.output.decode()
+        return result, time.monotonic() - began
 
-    success, output = run(main())  # type: ignore[misc]
-    assert not success and "killed on request" in output
+    return asyncio.run(main())
+
+
+def test_a_staged_run_killed_before_its_instant_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    result, _ = run_held({"command": f"touch {marker}"}, open_in=1.0, cancel_in=0.2)
+    assert not result.success and b"killed on request" in result.output
     time.sleep(0.1)
     assert not marker.exists()
 
@@ -114,85 +132,33 @@ def test_a_staged_run_killed_before_its_instant_never_runs(tmp_path: Path) -> No
 def test_a_gate_closed_without_opening_runs_nothing(tmp_path: Path) -> None:
     """What a crashed agent leaves: the write end closes, the shells exit."""
     marker = tmp_path / "ran"
-
-    async def main() -> bool:
-        loop = asyncio.get_running_loop()
-        gate = StartGate(loop)
-        loop.call_later(0.2, gate.close)
-        result = await ShellExecutor().run(
-            {"command": f"touch {marker}"},
-            OutputBuffer(10_000),
-            job_name="c",
-            execution_id="e3",
-            gate=gate,
-        )
-        return result.success
-
-    assert run(main()) is False
+    result, _ = run_held({"command": f"touch {marker}"}, close_in=0.2)
+    assert result.success is False
     assert not marker.exists()
 
 
 def test_a_missing_program_fails_at_the_instant_with_the_usual_error() -> None:
-    async def main() -> tuple[bool, str, float]:
-        loop = asyncio.get_running_loop()
-        gate = StartGate(loop)
-        loop.call_later(0.3, gate.open)
-        began = time.monotonic()
-        result = await ShellExecutor().run(
-            {"command": "no-such-program-here --x"},
-            OutputBuffer(10_000),
-            job_name="m",
-            execution_id="e4",
-            gate=gate,
-        )
-        return result.success, result.output.decode(), time.monotonic() - began
-
-    success, output, waited = run(main())  # type: ignore[misc]
-    assert not success
-    assert (
-        output == "[cronmesh] cannot start: command not found: no-such-program-here\n"
+    result, waited = run_held({"command": "no-such-program-here --x"}, open_in=0.3)
+    assert not result.success
+    assert result.output == (
+        b"[cronmesh] cannot start: command not found: no-such-program-here\n"
     )
     assert waited >= 0.29  # reported at the instant, not when staged
 
 
 def test_a_shell_script_with_a_syntax_error_fails_at_the_instant() -> None:
-    async def main() -> tuple[bool, str, float]:
-        loop = asyncio.get_running_loop()
-        gate = StartGate(loop)
-        loop.call_later(0.3, gate.open)
-        began = time.monotonic()
-        result = await ShellExecutor().run(
-            {"command": "echo before; if then fi", "shell": "true"},
-            OutputBuffer(10_000),
-            job_name="s",
-            execution_id="e6",
-            gate=gate,
-        )
-        return result.success, result.output.decode(), time.monotonic() - began
-
-    success, output, waited = run(main())  # type: ignore[misc]
+    config = {"command": "echo before; if then fi", "shell": "true"}
+    result, waited = run_held(config, open_in=0.3)
+    output = result.output.decode()
     # The message of an ungated run, line number included.
     assert output.startswith("/bin/sh: 1: Syntax error:"), output
-    assert not success and "exit status 2" in output and "before" not in output
+    assert not result.success and "exit status 2" in output and "before" not in output
     assert waited >= 0.29
 
 
 def test_the_timeout_of_a_gated_run_counts_from_the_gate() -> None:
-    async def main() -> tuple[bool, str]:
-        loop = asyncio.get_running_loop()
-        gate = StartGate(loop)
-        loop.call_later(1.0, gate.open)
-        result = await ShellExecutor().run(
-            {"command": "sleep 0.3", "timeout": "1s"},
-            OutputBuffer(10_000),
-            job_name="t",
-            execution_id="e5",
-            gate=gate,
-        )
-        return result.success, result.output.decode()
-
-    success, output = run(main())
-    assert success, output
+    result, _ = run_held({"command": "sleep 0.3", "timeout": "1s"}, open_in=1.0)
+    assert result.success, result.output
 
 
 def test_one_gate_releases_many_runs_and_each_runs_once(tmp_path: Path) -> None:

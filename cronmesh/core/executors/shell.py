@@ -928,7 +928,8 @@ def _findable(program: str, env: dict[bytes, bytes]) -> bool:
     if os.path.dirname(program):
         candidates = [program]
     else:
-        candidates = [os.path.join(d, program) for d in os.get_exec_path(env)]  # type: ignore[arg-type]
+        path_dirs = os.get_exec_path(env)  # type: ignore[arg-type]
+        candidates = [os.path.join(d, program) for d in path_dirs]
     for path in candidates:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return _kernel_execs(path)
