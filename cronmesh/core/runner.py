@@ -115,7 +115,7 @@ class Runner:
         self._batch_scheduled = False
         self._delivering = 0  # report batches on their way (REPORT_PIPELINE)
         self._executors: dict[str, Executor] = {}
-        # Start gates of staged runs, by their opening (loop time, in ms).
+        # Start gates of staged runs, by their instant (ms since the epoch).
         self._gates: dict[int, StartGate] = {}
         self.on_finished: list[Any] = []
         # Metrics hook: seconds from a scheduled run's instant to its start
